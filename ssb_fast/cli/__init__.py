@@ -1,0 +1,13 @@
+"""The `ssb-fast` command line: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+from ssb_fast.cli import info  # noqa: F401  (registers the command)
+from ssb_fast.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

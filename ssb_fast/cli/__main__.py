@@ -1,0 +1,3 @@
+from ssb_fast.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Training of SSB / SSB++ models (installed as ssb_fast.train)."""
