@@ -63,7 +63,7 @@ class Bridge:
         }
         for name, arr in self.f64.items():
             setattr(self, name, torch.tensor(arr, dtype=torch.float32))
-        self._schedule_tables: dict[str, torch.Tensor] = {}
+        self._device_tables: dict[tuple[str, str], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"Bridge(n_timesteps={self.n_timesteps}, beta_max={self.beta_max})"
@@ -103,8 +103,15 @@ class Bridge:
         return torch.tensor(rows, dtype=torch.float32, device=device)
 
     # ---- training marginal, label and its inverse ----------------------------------------------
+    def on(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """Schedule `name` (e.g. "std_fwd") on `device`, copied there once and cached."""
+        key = (name, str(torch.device(device)))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(key[1])
+        return self._device_tables[key]
+
     def _gather(self, name: str, t, like: torch.Tensor) -> torch.Tensor:
-        table = getattr(self, name).to(like.device)
+        table = self.on(name, like.device)
         if isinstance(t, torch.Tensor):
             idx = t.to(device=like.device, dtype=torch.int64).reshape(-1)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_timesteps):
@@ -141,16 +148,16 @@ class Bridge:
 
     def time_input(self, t: torch.Tensor) -> torch.Tensor:
         """What the network sees as time: I2SB's noise_levels[t] = linspace(1e-4, 1, n)[t] * n."""
-        return self.noise_levels.to(t.device)[t.to(torch.int64)]
+        return self.on("noise_levels", t.device)[t.to(torch.int64)]
 
     # ---- fused training pair ---------------------------------------------------------------------
     def schedule(self, device: torch.device | str) -> torch.Tensor:
         """(4, n) float32 table [mu_x0, mu_x1, std_sb, std_fwd] on `device`, for `bridge_sample`."""
-        key = str(torch.device(device))
-        if key not in self._schedule_tables:
+        key = ("schedule", str(torch.device(device)))
+        if key not in self._device_tables:
             table = schedule_table(self.mu_x0, self.mu_x1, self.std_sb, self.std_fwd)
-            self._schedule_tables[key] = table.to(key)
-        return self._schedule_tables[key]
+            self._device_tables[key] = table.to(key[1])
+        return self._device_tables[key]
 
     def bridge_sample(self, t: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, seeds: torch.Tensor,
                       ot_ode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

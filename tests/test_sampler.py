@@ -1,0 +1,178 @@
+"""The Sampler: CFG wiring, the shared first step, chunking and keyed noise, against a plain I2SB loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ssb_fast.bridge import Bridge
+from ssb_fast.kernels import keyed_randn, noise_seeds
+from ssb_fast.sampler import Sampler, expert_labels
+
+BRIDGE = Bridge(1000, 0.3)
+N_LABELS = 4
+
+
+class ToyNet(nn.Module):
+    """A small conditional conv net: enough structure that a wiring mistake changes the output."""
+
+    def __init__(self, scan_channels=1, n_labels=N_LABELS):
+        super().__init__()
+        torch.manual_seed(0)
+        self.null_label = n_labels
+        self.embed = nn.Embedding(n_labels + 1, 8)
+        self.conv1 = nn.Conv2d(1 + scan_channels, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x, t, label):
+        h = self.conv1(x) + self.embed(label)[:, :, None, None] + (t[:, None, None, None] / 1000.0)
+        return self.conv2(torch.tanh(h)) * 3.0
+
+
+class OracleNet(nn.Module):
+    """Knows the true mask for each label (a disk of radius 2 + 2*label) and answers with the exact I2SB label."""
+
+    def __init__(self, size=16):
+        super().__init__()
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()
+        disks = [(r < 2 + 2 * k).float() * 2 - 1 for k in range(N_LABELS + 1)]
+        self.register_buffer("disks", torch.stack(disks)[:, None])
+        self.null_label = N_LABELS
+
+    def forward(self, x, t, label):
+        step = torch.round((t / 1000 - 1e-4) / (1 - 1e-4) * 999).long()
+        std = BRIDGE.std_fwd[step].view(-1, 1, 1, 1)
+        return (x[:, :1] - self.disks[label]) / std
+
+
+def plain_i2sb_loop(net, scans, n_samples, nfe, guidance, case_ids, seed=0):
+    """I2SB's ddpm_sampling with CFG, written directly (torch.cat, no shared step, no fused op)."""
+    steps = BRIDGE.step_indices(nfe)
+    out_soft = []
+    for s, scan in enumerate(scans):
+        labels = torch.arange(n_samples) % N_LABELS
+        seeds = noise_seeds(seed, [case_ids[s]] * n_samples, list(range(n_samples)))
+        scan_b = scan.expand(n_samples, -1, -1, -1)
+        x = scan_b[:, :1].clone()
+        pixels = x[0].numel()
+        for prev, n in zip(steps[::-1][1:], steps[::-1][:-1]):
+            t = BRIDGE.time_input(torch.full((2 * n_samples,), n))
+            inp = torch.cat([torch.cat([x, scan_b], 1)] * 2)
+            lab = torch.cat([labels, torch.full_like(labels, N_LABELS)])
+            out = net(inp, t, lab)
+            guided = out[n_samples:] + guidance * (out[:n_samples] - out[n_samples:])
+            x0 = BRIDGE.compute_pred_x0(n, x, guided)
+            mu_x0, mu_xn, std = BRIDGE.posterior_coefs(prev, n)
+            x = mu_x0 * x0 + mu_xn * x
+            if prev > 0:
+                x = x + std * keyed_randn(seeds, n * pixels, pixels).view(x.shape)
+        out_soft.append(x0[:, 0])
+    return torch.stack(out_soft)
+
+
+def scans_for(n_scans, size=16, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_scans, channels, size, size, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 2.0])
+def test_matches_plain_i2sb_loop(guidance):
+    net = ToyNet().eval()
+    scans = scans_for(2)
+    ids = ["caseA", "caseB"]
+    result = Sampler(net, BRIDGE, nfe=6, guidance=guidance, max_batch=5).sample(scans, 7, ids, return_soft=True)
+    want = plain_i2sb_loop(net, scans, 7, 6, guidance, ids)
+    torch.testing.assert_close(result.soft, want, atol=2e-5, rtol=1e-5)
+    assert torch.equal(result.masks, (want > 0).to(torch.uint8))
+    assert result.masks.shape == (2, 7, 16, 16) and result.masks.dtype == torch.uint8
+
+
+def test_oracle_recovers_each_experts_mask_and_guidance_picks_the_half():
+    net = OracleNet()
+    scans = scans_for(1)
+    cond = Sampler(net, BRIDGE, nfe=5, guidance=1.0).sample(scans, 8)
+    for i in range(8):
+        want = (net.disks[i % N_LABELS, 0] > 0).to(torch.uint8)
+        assert torch.equal(cond.masks[0, i], want), f"mask {i} should be expert {i % N_LABELS}'s disk"
+    assert cond.labels[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    uncond = Sampler(net, BRIDGE, nfe=5, guidance=0.0).sample(scans, 3)
+    assert all(torch.equal(uncond.masks[0, i], (net.disks[N_LABELS, 0] > 0).to(torch.uint8)) for i in range(3))
+
+
+def test_results_do_not_depend_on_chunking_or_step_sharing():
+    net = ToyNet().eval()
+    scans = scans_for(3, seed=1)
+    ref = Sampler(net, BRIDGE, nfe=4, max_batch=64).sample(scans, 6, return_soft=True)
+    for kwargs in ({"max_batch": 1}, {"max_batch": 4}, {"max_batch": 7, "share_first_step": False}):
+        got = Sampler(net, BRIDGE, nfe=4, **kwargs).sample(scans, 6, return_soft=True)
+        torch.testing.assert_close(got.soft, ref.soft, atol=1e-5, rtol=1e-5)
+    # one scan alone gives the same masks as inside a batch of three (noise keyed by case id, not position)
+    alone = Sampler(net, BRIDGE, nfe=4).sample(scans[1:2], 6, case_ids=["1"], return_soft=True)
+    torch.testing.assert_close(alone.soft[0], ref.soft[1], atol=1e-5, rtol=1e-5)
+
+
+def test_noise_makes_masks_differ_and_the_seed_reproduces_them():
+    net = ToyNet().eval()
+    scans = scans_for(1, seed=2)
+    a = Sampler(net, BRIDGE, nfe=8, seed=0, labels="random").sample(scans, 8, return_soft=True)
+    b = Sampler(net, BRIDGE, nfe=8, seed=0, labels="random").sample(scans, 8, return_soft=True)
+    c = Sampler(net, BRIDGE, nfe=8, seed=1, labels="random").sample(scans, 8, return_soft=True)
+    assert torch.equal(a.soft, b.soft)
+    assert not torch.allclose(a.soft, c.soft)
+    same_label = (a.labels[0] == a.labels[0, 0]).nonzero().flatten().tolist()
+    assert len(same_label) >= 2 or a.labels.unique().numel() > 1
+    # ot_ode (deterministic) masks with one label are identical; stochastic ones are not
+    det = Sampler(net, BRIDGE, nfe=8, ot_ode=True).sample(scans, 8, labels=torch.zeros(8, dtype=torch.long),
+                                                           return_soft=True)
+    assert torch.equal(det.soft[0, 0], det.soft[0, 5])
+    sto = Sampler(net, BRIDGE, nfe=8).sample(scans, 8, labels=torch.zeros(8, dtype=torch.long), return_soft=True)
+    assert not torch.equal(sto.soft[0, 0], sto.soft[0, 5])
+
+
+def test_shared_first_step_saves_network_rows():
+    net = ToyNet().eval()
+    scans = scans_for(2)
+    shared = Sampler(net, BRIDGE, nfe=5, max_batch=64).sample(scans, 16)
+    # first step: 2 scans x (4 experts + null) rows; then 4 steps x 2B rows with B = 32
+    assert shared.stats["network_rows"] == 2 * 5 + 4 * 64
+    plain = Sampler(net, BRIDGE, nfe=5, max_batch=64, share_first_step=False).sample(scans, 16)
+    assert plain.stats["network_rows"] == 5 * 64
+    assert shared.stats["chunks"] == 1 and shared.stats["masks"] == 32
+
+
+def test_expert_labels_modes():
+    assert expert_labels(["a", "b"], 5, 3).tolist() == [[0, 1, 2, 0, 1]] * 2
+    r1 = expert_labels(["a", "b"], 50, 4, "random", seed=3)
+    r2 = expert_labels(["b"], 50, 4, "random", seed=3)
+    assert torch.equal(r1[1], r2[0]) and set(r1.flatten().tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="labels must be one of"):
+        expert_labels(["a"], 2, 4, "sorted")
+
+
+def test_empty_requests():
+    net = ToyNet().eval()
+    assert Sampler(net, BRIDGE, nfe=3).sample(scans_for(2), 0).masks.shape == (2, 0, 16, 16)
+    assert Sampler(net, BRIDGE, nfe=3).sample(scans_for(0), 4).masks.shape == (0, 4, 16, 16)
+
+
+def test_bad_input_is_named():
+    net = ToyNet().eval()
+    sampler = Sampler(net, BRIDGE, nfe=3)
+    with pytest.raises(ValueError, match=r"scans must be \(S, C, H, W\)"):
+        sampler.sample(torch.zeros(1, 16, 16), 2)
+    bad = scans_for(1)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        sampler.sample(bad, 2)
+    with pytest.raises(TypeError, match="floating point"):
+        sampler.sample(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="case_ids has 2 entries for 1 scans"):
+        sampler.sample(scans_for(1), 2, case_ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        sampler.sample(scans_for(1), 2, labels=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="nfe"):
+        Sampler(net, BRIDGE, nfe=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        Sampler(net, BRIDGE, nfe=3, max_batch=0)
