@@ -13,8 +13,10 @@ from ._common import HAS_TRITON, interpreting, triton_backend
 from .bridge_sample import bridge_sample
 from .cfg_step import cfg_step
 from .noise import keyed_randn, noise_seed, noise_seeds, philox4x32, philox_randn
+from .pair_counts import pair_counts
+from .pairwise_jsd import pairwise_jsd
 
-OPS = ("bridge_sample", "cfg_step")
+OPS = ("bridge_sample", "cfg_step", "pair_counts", "pairwise_jsd")
 
 
 def op_backends(device: torch.device | str) -> dict[str, str]:
@@ -25,5 +27,6 @@ def op_backends(device: torch.device | str) -> dict[str, str]:
 
 __all__ = [
     "HAS_TRITON", "OPS", "bridge_sample", "cfg_step", "interpreting", "keyed_randn", "noise_seed",
-    "noise_seeds", "op_backends", "philox4x32", "philox_randn", "triton_backend",
+    "noise_seeds", "op_backends", "pair_counts", "pairwise_jsd", "philox4x32", "philox_randn",
+    "triton_backend",
 ]

@@ -29,7 +29,8 @@ def test_info_json():
     data = json.loads(result.output)
     assert data["torch"] == torch.__version__
     assert data["device"] == "cpu"
-    assert data["op_backends"] == {"bridge_sample": "torch", "cfg_step": "torch"}
+    assert data["op_backends"] == {"bridge_sample": "torch", "cfg_step": "torch", "pair_counts": "torch",
+                                   "pairwise_jsd": "torch"}
     assert isinstance(data["triton_interpret"], bool)
 
 
