@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssb_fast.cli import evaluate  # noqa: F401  (registers the command)
 from ssb_fast.cli import info  # noqa: F401  (registers the command)
 from ssb_fast.cli.app import app
 
