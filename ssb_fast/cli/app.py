@@ -60,5 +60,7 @@ def print_json(obj) -> None:
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 DeviceOption = Annotated[
-    str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.", show_default=True)
+    str,
+    typer.Option("--device", metavar="DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
+                 show_default=True),
 ]

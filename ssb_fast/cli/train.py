@@ -1,0 +1,137 @@
+"""`ssb-fast train`: train an SSB / SSB++ model on a dataset folder, on one process or many (torchrun)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated
+
+import typer
+
+from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
+
+# Settings that may change when a run is resumed; anything else would silently break the run's recipe.
+RESUMABLE = {"steps", "log_every", "val_every", "save_every", "device", "compile", "amp"}
+
+
+def _d(name: str):
+    """The TrainConfig default of `name`, for help texts."""
+    from ssb_fast.train.loop import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ssb-fast train --data data/synthetic --preset tiny --steps 300 --out runs/tiny\n\n"
+        "  ssb-fast train --resume runs/tiny --steps 600\n\n"
+        "  torchrun --nproc-per-node 2 -m ssb_fast.cli train --data DIR --preset ssb++ --out RUN"
+    )
+)
+def train(
+    data: Annotated[str | None, typer.Option(help="Dataset folder (train.npz, val.npz, meta.json).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder to create (config, checkpoints, log).")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue the run in this folder exactly where it "
+                                                        "stopped (--steps may raise the target).")] = None,
+    preset: Annotated[str | None, typer.Option(help=f"U-Net preset: tiny, ssb, ssb++ (default {_d('preset')}).",
+                                                  show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help=f"Optimizer steps in total "
+                                                 f"(default {_d('steps')}).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help=f"Batch per process; the effective batch "
+                                                      f"is this times the number of processes "
+                                                      f"(default {_d('batch_size')}).")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help=f"AdamW peak learning rate "
+                                                f"(default {_d('lr')}).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help=f"Linear warmup steps "
+                                                        f"(default {_d('warmup_steps')}).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(min=0.0, help="AdamW weight decay (default 0).")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help=f"Gradient norm clip "
+                                                       f"(default {_d('grad_clip')}).")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help=f"EMA decay of the sampling weights "
+                                                       f"(default {_d('ema_decay')}).")] = None,
+    p_uncond: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=f"Probability of the null label "
+                                                      f"(CFG dropout; default {_d('p_uncond')}).")] = None,
+    lambda_dice: Annotated[float | None, typer.Option(min=0.0, help=f"Weight of the soft-Dice term "
+                                                         f"(default {_d('lambda_dice')}).")] = None,
+    n_timesteps: Annotated[int | None, typer.Option(min=2, help=f"Bridge timesteps "
+                                                       f"(default {_d('n_timesteps')}).")] = None,
+    beta_max: Annotated[float | None, typer.Option(help=f"Bridge beta_max (default {_d('beta_max')}).")] = None,
+    nfe_val: Annotated[int | None, typer.Option(min=1, help=f"NFE of validation sampling "
+                                                   f"(default {_d('nfe_val')}).")] = None,
+    val_every: Annotated[int | None, typer.Option(min=0, help=f"Validate every K steps, 0 = never "
+                                                     f"(default {_d('val_every')}).")] = None,
+    val_scans: Annotated[int | None, typer.Option(min=0, help=f"Validation scans "
+                                                     f"(default {_d('val_scans')}).")] = None,
+    val_samples: Annotated[int | None, typer.Option(min=1, help=f"Masks per validation scan "
+                                                       f"(default {_d('val_samples')}).")] = None,
+    log_every: Annotated[int | None, typer.Option(min=1, help=f"Steps per log.jsonl line "
+                                                     f"(default {_d('log_every')}).")] = None,
+    save_every: Annotated[int | None, typer.Option(min=1, help=f"Steps per checkpoint "
+                                                      f"(default {_d('save_every')}).")] = None,
+    base_channels: Annotated[int | None, typer.Option(min=1, help="Override the preset's base channels.")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Override the preset's dropout.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice (default 0).")] = None,
+    device: DeviceOption = "auto",
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the U-Net "
+                                                    "(default: on with CUDA, off on CPU).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast (default: on with CUDA).")]
+    = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Train an SSB / SSB++ model: I2SB bridge loss with expert labels, CFG label dropout and a Dice term.
+
+    Writes RUN/config.json, RUN/model.safetensors (weights + EMA), RUN/train_state.safetensors
+    (optimizer, step, RNG) and RUN/log.jsonl. Ctrl-C finishes the step, saves and stops; --resume RUN
+    continues bit for bit. Under torchrun every process trains (DDP: NCCL on CUDA, gloo on CPU) and
+    only rank 0 writes.
+    """
+    from ssb_fast.checkpoint import CheckpointError
+    from ssb_fast.data import DataFormatError
+    from ssb_fast.train.loop import TrainConfig, read_run_config
+    from ssb_fast.train.loop import train as run_training
+
+    given = {k: v for k, v in dict(
+        data=data, out=out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond,
+        lambda_dice=lambda_dice, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
+        val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every, seed=seed,
+        compile=compile, amp=amp).items() if v is not None}
+    overrides = {k: v for k, v in (("base_channels", base_channels), ("dropout", dropout)) if v is not None}
+    if device != "auto":
+        given["device"] = device
+    try:
+        if resume:
+            fixed = sorted(set(given) - RESUMABLE - {"out"}) + sorted(overrides)
+            if fixed:
+                fail(f"--resume continues a run with its own settings; cannot change {', '.join(fixed)} "
+                     f"(changeable: {', '.join(sorted(RESUMABLE))})", ExitCode.BAD_ARGUMENTS)
+            if out is not None and out != resume:
+                fail("--out and --resume name different folders; --resume RUN writes into RUN",
+                     ExitCode.BAD_ARGUMENTS)
+            saved = read_run_config(resume)["train"]
+            cfg = TrainConfig.from_dict({**saved, **given, "out": resume})
+        else:
+            if data is None or out is None:
+                fail("--data and --out are required (or --resume RUN to continue a run)", ExitCode.BAD_ARGUMENTS)
+            cfg = TrainConfig(**given, model_overrides=overrides)
+        result = run_training(cfg, resume=bool(resume), progress=not no_progress)
+    except DataFormatError as err:
+        fail(str(err), ExitCode.BAD_DATA)
+    except CheckpointError as err:
+        fail(str(err), ExitCode.BAD_CHECKPOINT)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        raise typer.Exit(130 if result.stopped_early else 0)
+    summary = {"run": str(result.run_dir), "step": result.step, "stopped_early": result.stopped_early,
+               **{k: v for k, v in result.last_log.items() if k != "step"}}
+    if json_out:
+        print_json(summary)
+    else:
+        typer.echo(f"trained to step {result.step}: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                                                     for k, v in result.last_log.items()}))
+        typer.echo(f"run folder: {result.run_dir} (model.safetensors, train_state.safetensors, log.jsonl)")
+    if result.stopped_early:
+        raise typer.Exit(130)

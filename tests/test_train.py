@@ -1,0 +1,180 @@
+"""Training: the SSB loss, the resumable distributed batch stream, exact resume, the CLI, and DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from ssb_fast.train.batches import ShuffledStream
+from ssb_fast.train.loop import TrainConfig, train
+from ssb_fast.train.loss import draw, soft_dice, ssb_loss
+from typer.testing import CliRunner
+
+from ssb_fast import load_model
+from ssb_fast.bridge import Bridge
+from ssb_fast.cli import app
+from ssb_fast.data import write_synthetic
+from ssb_fast.model import UNet, UNetConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n_cases=48, size=32, seed=0)
+
+
+def tiny_config(data, out, **kw):
+    base = dict(data=str(data), out=str(out), preset="tiny", steps=20, batch_size=4, lr=2e-3, warmup_steps=5,
+                log_every=5, save_every=10, val_every=0, seed=3, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_draw_picks_only_present_annotators_and_drops_labels():
+    present = torch.tensor([[True, False, True, False]] * 4000)
+    g = torch.Generator().manual_seed(0)
+    d = draw(present, null_label=4, n_timesteps=1000, p_uncond=0.25, generator=g)
+    assert set(d.annotator.tolist()) == {0, 2}
+    null = d.label == 4
+    assert abs(null.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(d.label[~null], d.annotator[~null])
+    assert d.t.min() >= 0 and d.t.max() < 1000 and d.seeds.min() >= 0
+    with pytest.raises(ValueError, match=r"batch items \[1\] have no present annotator"):
+        draw(torch.tensor([[True, False], [False, False]]), 2, 1000, 0.1, g)
+
+
+def test_soft_dice_values():
+    p = torch.tensor([[[1.0, 0.5], [0.0, 0.0]]])
+    y = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert soft_dice(p, y, smooth=0.0).item() == pytest.approx(2 * 1.5 / (1.5 + 2))
+    assert soft_dice(torch.zeros(1, 4), torch.zeros(1, 4)).item() == 1.0  # empty target, empty prediction
+
+
+def test_loss_uses_the_drawn_annotator(synthetic_dir):
+    from ssb_fast.data import load
+
+    ds = load(synthetic_dir, "train")
+    items = [ds[i] for i in range(4)]
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["masks"] for it in items])
+    present = torch.stack([it["present"] for it in items])
+    net = UNet(UNetConfig.preset("tiny", image_size=32, scan_channels=ds.image_channels, n_labels=ds.n_raters))
+    d = draw(present, net.null_label, 1000, 0.0, torch.Generator().manual_seed(1))
+    seen = {}
+
+    def spy(x, t, label):
+        seen["x"], seen["label"] = x, label
+        return net(x, t, label)
+
+    parts = ssb_loss(spy, Bridge(), images, masks, d, lambda_dice=0.1)
+    assert torch.equal(seen["label"], d.label)
+    assert torch.equal(seen["x"][:, 1:], images)  # the scan is the condition
+    assert parts.loss.item() == pytest.approx(parts.mse.item() + 0.1 * parts.dice_loss.item(), rel=1e-5)
+    parts.loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_stream_covers_each_epoch_and_splits_ranks():
+    stream = ShuffledStream(10, seed=0)
+    epoch0 = [i for s in range(5) for i in stream.batch_indices(s, 2)]
+    assert sorted(epoch0) == list(range(10))
+    r0, r1 = stream.batch_indices(3, 4, rank=0, world=2), stream.batch_indices(3, 4, rank=1, world=2)
+    assert not set(r0) & set(r1) or len(set(r0 + r1)) < 8  # disjoint unless an epoch boundary wraps
+    assert stream.batch_indices(7, 3) == ShuffledStream(10, seed=0).batch_indices(7, 3)
+    assert stream.batch_indices(7, 3) != ShuffledStream(10, seed=1).batch_indices(7, 3)
+
+
+def test_resume_continues_bit_for_bit(synthetic_dir, tmp_path):
+    straight = train(tiny_config(synthetic_dir, tmp_path / "straight", steps=20), progress=False)
+    half = tmp_path / "split"
+    result = runner.invoke(app, ["train", "--data", str(synthetic_dir), "--out", str(half), "--preset", "tiny",
+                                 "--steps", "10", "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "5",
+                                 "--log-every", "5", "--save-every", "10", "--val-every", "0", "--seed", "3",
+                                 "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "--resume", str(half), "--steps", "20", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    a = load_model(tmp_path / "straight" / "model.safetensors", weights="model").state_dict()
+    b = load_model(half / "model.safetensors", weights="model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ea = load_model(tmp_path / "straight" / "model.safetensors").state_dict()
+    eb = load_model(half / "model.safetensors").state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert straight.step == 20
+    lines = [json.loads(x) for x in (half / "log.jsonl").read_text().splitlines()]
+    assert [x.get("event") for x in lines if "event" in x] == ["start", "resume"]
+    assert [x["step"] for x in lines if "loss" in x] == [5, 10, 15, 20]
+    assert all(x["effective_batch"] == 4 for x in lines if "loss" in x)
+    assert {"config.json", "model.safetensors", "train_state.safetensors", "log.jsonl"} <= set(os.listdir(half))
+
+
+def test_tiny_model_loss_falls(synthetic_dir, tmp_path):
+    cfg = tiny_config(synthetic_dir, tmp_path / "run", steps=200, batch_size=8, log_every=20, save_every=200)
+    train(cfg, progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_cli_refuses_bad_arguments(synthetic_dir, tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--data and --out are required" in result.output
+    run = tmp_path / "run"
+    ok = runner.invoke(app, ["train", "--data", str(synthetic_dir), "--out", str(run), "--preset", "tiny",
+                             "--steps", "2", "--batch-size", "2", "--val-every", "0", "--device", "cpu",
+                             "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    again = runner.invoke(app, ["train", "--data", str(synthetic_dir), "--out", str(run), "--preset", "tiny",
+                                "--steps", "2", "--device", "cpu", "--no-progress"])
+    assert again.exit_code == 2 and "already holds a run" in again.output
+    changed = runner.invoke(app, ["train", "--resume", str(run), "--lr", "0.1"])
+    assert changed.exit_code == 2 and "cannot change lr" in changed.output
+    preset = runner.invoke(app, ["train", "--data", str(synthetic_dir), "--out", str(tmp_path / "p"),
+                                 "--preset", "huge", "--device", "cpu", "--no-progress"])
+    assert preset.exit_code == 2 and "huge" in preset.output
+    (run / "train_state.safetensors").write_bytes(b"\x00" * 3)
+    broken = runner.invoke(app, ["train", "--resume", str(run), "--steps", "4", "--no-progress"])
+    assert broken.exit_code == 4 and "truncated or corrupt checkpoint" in broken.output
+
+
+def test_cli_reports_bad_data_with_exit_code_3(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{}")
+    (bad / "train.npz").write_bytes(b"not an npz")
+    result = runner.invoke(app, ["train", "--data", str(bad), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                                 "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 3, result.output
+    assert "train.npz" in result.output and "Traceback" not in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = train(tiny_config(data, out, steps=4, batch_size=2, log_every=2, save_every=4), progress=False)
+    torch.save({k: v.clone() for k, v in res.model.state_dict().items()}, os.path.join(result_dir, f"{rank}.pt"))
+
+
+def test_two_process_gloo_ends_with_identical_weights(synthetic_dir, tmp_path):
+    out, results = tmp_path / "ddp", tmp_path / "weights"
+    results.mkdir()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(synthetic_dir), str(out), str(results)), nprocs=2,
+                       join=True, start_method="spawn")
+    w0, w1 = torch.load(results / "0.pt"), torch.load(results / "1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    single = load_model(out / "model.safetensors", weights="model").state_dict()
+    assert all(torch.equal(single[k], w0[k]) for k in w0), "rank 0 wrote the weights both ranks hold"
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["effective_batch"] == 4

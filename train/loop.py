@@ -1,0 +1,302 @@
+"""The SSB training loop: one process or many, exact resume, EMA, validation, atomic checkpoints.
+
+A run folder holds `config.json` (the resolved settings), `model.safetensors` (weights + EMA +
+config), `train_state.safetensors` (optimizer, step, RNG) and `log.jsonl` (one line per log interval).
+Every random choice of step s on rank r comes from seeds hashed from (seed, s, r), so a run resumed at
+step s continues bit for bit as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from ssb_fast.train.batches import ShuffledStream, hash_seed
+from ssb_fast.train.distributed import DistContext, barrier, init_distributed, mean_across_ranks, shutdown
+from ssb_fast.train.ema import EMA
+from ssb_fast.train.loss import draw, ssb_loss
+from ssb_fast.train.validate import validate
+from torch.nn.parallel import DistributedDataParallel
+
+from ssb_fast import __version__
+from ssb_fast.bridge import Bridge
+from ssb_fast.checkpoint import (
+    MODEL_FORMAT,
+    load_train_state,
+    read_checkpoint,
+    save_model_checkpoint,
+    save_train_state,
+    split_prefix,
+)
+from ssb_fast.model import UNet, UNetConfig
+from ssb_fast.progress import progress_bar
+
+CONFIG_FILE, MODEL_FILE, STATE_FILE, LOG_FILE = "config.json", "model.safetensors", "train_state.safetensors", \
+    "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; written to RUN/config.json and into the checkpoint."""
+
+    data: str
+    out: str
+    preset: str = "ssb++"
+    steps: int = 20000
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1
+    lambda_dice: float = 0.1
+    n_timesteps: int = 1000
+    beta_max: float = 0.3
+    nfe_val: int = 10
+    val_every: int = 1000
+    val_scans: int = 8
+    val_samples: int = 8
+    log_every: int = 25
+    save_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    compile: bool | None = None
+    amp: bool | None = None
+    model_overrides: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        positive = ("steps", "batch_size", "n_timesteps", "nfe_val", "log_every", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "weight_decay", "val_every", "val_scans", "val_samples", "lambda_dice")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number; got {self.lr}")
+        if not 0 <= self.p_uncond <= 1:
+            raise ValueError(f"p_uncond must be in [0, 1]; got {self.p_uncond}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0; got {self.grad_clip}")
+        if self.nfe_val >= self.n_timesteps:
+            raise ValueError(f"nfe_val must be < n_timesteps ({self.n_timesteps}); got {self.nfe_val}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: Path
+    model: torch.nn.Module
+    ema: EMA
+    last_log: dict
+    stopped_early: bool = False
+    rank: int = 0
+
+
+class _StopFlag:
+    """Ctrl-C finishes the current step, saves, and stops: no half-updated weights on disk."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run config (is {run_dir} a training run folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _collate(dataset, indices: list[int], device: torch.device):
+    items = [dataset[i] for i in indices]
+    images = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(device, non_blocking=True)
+    masks = torch.stack([torch.as_tensor(it["masks"]) for it in items]).to(device, non_blocking=True)
+    present = torch.stack([torch.as_tensor(it["present"]) for it in items])
+    return images, masks, present
+
+
+def build_model_config(cfg: TrainConfig, dataset) -> UNetConfig:
+    height, width = dataset.image_size
+    if height != width:
+        raise ValueError(f"the U-Net trains on square images; the dataset's are {height}x{width}")
+    return UNetConfig.preset(cfg.preset, image_size=height, scan_channels=dataset.image_channels,
+                             n_labels=dataset.n_raters, **cfg.model_overrides)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or, with `resume`, continue) the run in `cfg.out`. Works under torchrun as well."""
+    from ssb_fast.data import load as load_dataset
+
+    cfg.check()
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, resume, progress, load_dataset)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, load_dataset) -> TrainResult:
+    device = ctx.device
+    on_cuda = device.type == "cuda"
+    use_amp = on_cuda if cfg.amp is None else cfg.amp
+    use_compile = on_cuda if cfg.compile is None else cfg.compile
+    run_dir = Path(cfg.out)
+
+    dataset = load_dataset(cfg.data, "train")
+    try:
+        val_set = load_dataset(cfg.data, "val")
+    except FileNotFoundError:
+        val_set = None
+    bridge = Bridge(cfg.n_timesteps, cfg.beta_max)
+    model_cfg = build_model_config(cfg, dataset)
+    torch.manual_seed(hash_seed(cfg.seed, "init"))
+    model = UNet(model_cfg).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run_config = {
+        "model": model_cfg.to_dict(),
+        "bridge": {"n_timesteps": cfg.n_timesteps, "beta_max": cfg.beta_max},
+        "data": {"path": str(cfg.data), "n_raters": dataset.n_raters, "image_channels": dataset.image_channels,
+                 "image_size": list(dataset.image_size), "train_cases": len(dataset),
+                 "source": (dataset.meta or {}).get("source")},
+        "train": asdict(cfg),
+        "ssb_fast_version": __version__,
+    }
+
+    start_step = 0
+    if resume:
+        tensors, _ = read_checkpoint(run_dir / MODEL_FILE, MODEL_FORMAT)
+        model.load_state_dict(split_prefix(tensors, "model."))
+        ema.load_state_dict(split_prefix(tensors, "ema."))
+        start_step, _ = load_train_state(run_dir / STATE_FILE, optimizer)
+    elif ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / MODEL_FILE).exists() or (run_dir / STATE_FILE).exists():
+            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                                  f"or choose another --out")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run_dir / CONFIG_FILE, run_config)
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None) if ctx.distributed \
+        else model
+    if use_compile:
+        net = torch.compile(net)
+    stream = ShuffledStream(len(dataset), cfg.seed)
+    log_path = run_dir / LOG_FILE
+    effective_batch = cfg.batch_size * ctx.world_size
+
+    def log(record: dict) -> None:
+        if ctx.is_main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    log({"event": "resume" if resume else "start", "step": start_step, "steps": cfg.steps,
+         "world_size": ctx.world_size, "batch_per_process": cfg.batch_size, "effective_batch": effective_batch,
+         "device": str(device), "amp_bf16": use_amp, "compile": use_compile,
+         "parameters": sum(p.numel() for p in model.parameters()), "time": time.time()})
+
+    def save(step: int) -> None:
+        if ctx.is_main:
+            run_config["step"] = step
+            save_model_checkpoint(run_dir / MODEL_FILE, model.state_dict(), ema.state_dict(), run_config)
+            save_train_state(run_dir / STATE_FILE, optimizer, step, {"world_size": ctx.world_size})
+        barrier(ctx)
+
+    sums = torch.zeros(4, device=device)  # loss, mse, dice_loss, grad_norm since the last log line
+    count, last_log, t_last = 0, {}, time.perf_counter()
+    step = start_step
+    stopped_early = False
+    model.train()
+    with _StopFlag() as stop, progress_bar("train", cfg.steps, progress and ctx.is_main,
+                                           fields="loss {task.fields[loss]}") as advance:
+        advance(start_step)
+        while step < cfg.steps:
+            torch.manual_seed(hash_seed(cfg.seed, "step", step, ctx.rank))  # dropout
+            gen = torch.Generator().manual_seed(hash_seed(cfg.seed, "draw", step, ctx.rank))
+            images, masks, present = _collate(dataset, stream.batch_indices(step, cfg.batch_size, ctx.rank,
+                                                                            ctx.world_size), device)
+            sample = draw(present, model.null_label, cfg.n_timesteps, cfg.p_uncond, gen)
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                parts = ssb_loss(net, bridge, images, masks, sample, cfg.lambda_dice)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            ema.update(model, step)
+            step += 1
+            sums += torch.stack([parts.loss.detach(), parts.mse, parts.dice_loss, grad_norm.detach()]).float()
+            count += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = (mean_across_ranks(ctx, sums) / count).tolist()
+                now = time.perf_counter()
+                last_log = {"step": step, "loss": means[0], "mse": means[1], "dice_loss": means[2],
+                            "grad_norm": means[3], "lr": lr, "steps_per_s": count / (now - t_last),
+                            "effective_batch": effective_batch}
+                log(last_log)
+                sums.zero_()
+                count, t_last = 0, now
+                advance(0, loss=f"{means[0]:.4f}")
+            if (val_set is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps)
+                    and ctx.is_main):
+                scores = validate(ema.shadow, bridge, val_set, cfg.val_scans, cfg.val_samples, cfg.nfe_val,
+                                  seed=cfg.seed, device=device)
+                log({"step": step, "val": scores})
+                model.train()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save(step)
+            advance(1)
+            if stop.requested:
+                save(step)
+                stopped_early = step < cfg.steps
+                log({"event": "stopped", "step": step})
+                break
+    return TrainResult(step, run_dir, model, ema, last_log, stopped_early, ctx.rank)

@@ -1,0 +1,76 @@
+"""The SSB training loss: I2SB regression on the bridge label plus a soft-Dice term on the predicted mask.
+
+    L = mean ||out - label||^2 + lambda_dice * (1 - softDice(p̂, y)),   p̂ = clamp((x0̂ + 1) / 2, 0, 1)
+
+Each item draws one present annotator uniformly as its x0 and expert label; with probability p_uncond
+the label becomes the null label (the unconditional model that classifier-free guidance needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ssb_fast.bridge import Bridge
+
+
+@dataclass
+class TrainingDraw:
+    """Everything random about one training batch, drawn from one generator (so a step is reproducible)."""
+
+    annotator: torch.Tensor  # (B,) index of the mask used as x0
+    label: torch.Tensor      # (B,) expert label fed to the network (annotator, or null)
+    t: torch.Tensor          # (B,) bridge timestep
+    seeds: torch.Tensor      # (B,) Philox keys for the in-kernel noise
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    mse: torch.Tensor
+    dice_loss: torch.Tensor
+
+
+def draw(present: torch.Tensor, null_label: int, n_timesteps: int, p_uncond: float,
+         generator: torch.Generator) -> TrainingDraw:
+    """Draw annotators among the present ones, CFG label dropout, timesteps and noise keys (on CPU)."""
+    present = present.to("cpu", torch.bool)
+    if present.dim() != 2:
+        raise ValueError(f"present must be (B, M_max); got shape {tuple(present.shape)}")
+    empty = (~present.any(1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"batch items {empty.tolist()[:5]} have no present annotator")
+    batch = present.shape[0]
+    annotator = torch.multinomial(present.float(), 1, generator=generator).flatten()
+    drop = torch.rand(batch, generator=generator) < p_uncond
+    label = torch.where(drop, torch.full_like(annotator, null_label), annotator)
+    t = torch.randint(0, n_timesteps, (batch,), generator=generator)
+    seeds = torch.randint(0, 2**62, (batch,), generator=generator)
+    return TrainingDraw(annotator, label, t, seeds)
+
+
+def soft_dice(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-item soft Dice (2 Σpy + s) / (Σp + Σy + s); the smoothing s keeps empty targets defined (= 1 if p = 0)."""
+    dims = tuple(range(1, prob.dim()))
+    inter = (prob * target).sum(dims)
+    return (2 * inter + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)
+
+
+def ssb_loss(net, bridge: Bridge, images: torch.Tensor, masks: torch.Tensor, sample: TrainingDraw,
+             lambda_dice: float = 0.1) -> LossParts:
+    """Loss of one batch. images (B, C, H, W) in [-1, 1]; masks (B, M_max, H, W) in {0, 1}."""
+    device = images.device
+    batch = images.shape[0]
+    annotator = sample.annotator.to(device)
+    t = sample.t.to(device)
+    x0 = masks[torch.arange(batch, device=device), annotator].unsqueeze(1).float() * 2 - 1
+    x1 = images[:, :1].float()
+    x_t, target = bridge.bridge_sample(t, x0, x1, sample.seeds.to(device))
+    out = net(torch.cat([x_t, images.float()], dim=1), bridge.time_input(t), sample.label.to(device)).float()
+    mse = F.mse_loss(out, target)
+    x0_hat = x_t - bridge.on("std_fwd", device)[t].view(-1, 1, 1, 1) * out
+    prob = ((x0_hat + 1) / 2).clamp(0, 1)
+    dice_loss = 1 - soft_dice(prob, (x0 + 1) / 2).mean()
+    return LossParts(mse + lambda_dice * dice_loss, mse.detach(), dice_loss.detach())
