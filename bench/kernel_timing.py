@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-
-from ssb_fast.bridge import Bridge
 from ssb_fast.kernels import cfg_step as cfg_step_module  # noqa: F401  (registers the op)
 from ssb_fast.kernels import noise_seeds
 from ssb_fast.kernels.cfg_step import bytes_moved, cfg_step_ref
+
+from ssb_fast.bridge import Bridge
 
 
 def cfg_step_eager(x_n: torch.Tensor, net_out: torch.Tensor, coefs: torch.Tensor, scan: torch.Tensor,

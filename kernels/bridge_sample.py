@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 from ._common import (
-    HAS_TRITON, check_float, check_int64, check_noise_span, check_same_device, elementwise_launch, tl, triton,
+    HAS_TRITON,
+    check_float,
+    check_int64,
+    check_noise_span,
+    check_same_device,
+    elementwise_launch,
+    tl,
+    triton,
 )
 from .noise import keyed_randn
 

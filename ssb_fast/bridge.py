@@ -7,6 +7,7 @@ to the I2SB paper.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 

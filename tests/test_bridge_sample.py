@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import DTYPE_TOLERANCES, assert_close_report, non_contiguous
-
-from ssb_fast.bridge import Bridge
 from ssb_fast.kernels import keyed_randn, noise_seeds
 from ssb_fast.kernels.bridge_sample import bridge_sample_ref, bridge_sample_triton
+
+from ssb_fast.bridge import Bridge
 
 BRIDGE = Bridge(1000, 0.3)
 SIZES = [(8, 8), (17, 23), (64, 64)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import DTYPE_TOLERANCES, assert_close_report, non_contiguous
-
-from ssb_fast.bridge import Bridge
 from ssb_fast.kernels import keyed_randn, noise_seeds
 from ssb_fast.kernels.cfg_step import cfg_step_ref, cfg_step_triton
+
+from ssb_fast.bridge import Bridge
 
 BRIDGE = Bridge(1000, 0.3)
 STEPS = BRIDGE.step_indices(10)

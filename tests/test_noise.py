@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 import torch
-
 from ssb_fast.kernels import noise
 
 EDGE_OFFSETS = [0, 1, 2, 3, 4, 1023, 1024, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]

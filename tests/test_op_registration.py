@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from ssb_fast import kernels
-from ssb_fast.bridge import Bridge
 from ssb_fast.kernels import noise_seeds
 from ssb_fast.kernels.bridge_sample import bridge_sample_ref
 from ssb_fast.kernels.cfg_step import cfg_step_ref
+
+from ssb_fast import kernels
+from ssb_fast.bridge import Bridge
 
 BRIDGE = Bridge(1000, 0.3)
 

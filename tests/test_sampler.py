@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ssb_fast.kernels import keyed_randn, noise_seeds
 from torch import nn
 
 from ssb_fast.bridge import Bridge
-from ssb_fast.kernels import keyed_randn, noise_seeds
 from ssb_fast.sampler import Sampler, expert_labels
 
 BRIDGE = Bridge(1000, 0.3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ssb_fast.bench.kernel_timing import cfg_step_callables, make_cfg_step_case
 from ssb_fast.kernels.cfg_step import bytes_moved
 
