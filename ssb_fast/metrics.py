@@ -6,7 +6,7 @@ exact Gram matrix of intersections of the K = N + M masks (plus the two unions S
 diagonal holds the mask sizes, so |a ∪ b| = |a| + |b| − |a ∩ b|. The rest is vectorised torch on the
 (B, K, K) Gram, `ssb_fast::pairwise_jsd` for DDI, and scipy's Hungarian matching for HM-IoU.
 
-Conventions (DESIGN.md §6; each function's docstring repeats the ones it uses):
+Conventions (the project's; each function's docstring repeats the ones it uses):
 - masks are binary; d(a, b) = 1 − IoU(a, b); IoU(∅, ∅) = 1 and Dice(∅, ∅) = 1 (so d(∅, ∅) = 0),
   as in PHiSeg's and CCDM's GED code; one empty and one non-empty mask have IoU = Dice = 0;
 - missing annotators (`present` False) are left out of every mean, max, min and union;
@@ -267,7 +267,7 @@ class PairStats:
     def d_a(self, pair_distance: str = "dice") -> torch.Tensor:
         """Diversity agreement D_a = 1 − (|maxV_Y − maxV_S| + |minV_Y − minV_S|) / 2.
 
-        V is taken over pairs i < j inside each set (present experts only). DESIGN.md §6 picks
+        V is taken over pairs i < j inside each set (present experts only). ssb-fast picks
         V = 1 − Dice (`pair_distance="dice"`, the default). Public CIMD-derived scripts differ here:
         some use the per-pixel variance of a − b (`pair_distance="pixel_variance"`, computed from
         the same Gram), one of them also over i = j pairs (so its min V is always 0); that form
@@ -293,7 +293,7 @@ class PairStats:
     def s_c(self) -> torch.Tensor:
         """Combined sensitivity TP / (TP + FN) between the union of present experts and the union of samples.
 
-        S_c = 1 when the expert union is empty (nothing to find: DESIGN.md's choice). Public scripts
+        S_c = 1 when the expert union is empty (nothing to find: ssb-fast's choice). Public scripts
         disagree there: some return 1 only when both unions are empty and divide by zero otherwise,
         one returns 1 whenever TP = 0. They agree whenever the expert union is not empty.
         """
@@ -304,7 +304,7 @@ class PairStats:
     def ci(self, pair_distance: str = "dice") -> torch.Tensor:
         """CI score 3·S_c·D_max·D_a / (S_c + D_max + D_a) (the form in public CIMD-derived code).
 
-        DESIGN.md picks this form; one public script uses the true harmonic mean 3 / (1/S_c + 1/D_max
+        ssb-fast picks this form; one public script uses the true harmonic mean 3 / (1/S_c + 1/D_max
         + 1/D_a) instead, which differs unless the three are equal. 0 when all three are 0 (the code
         it follows divides 0 by 0 there).
         """
@@ -409,7 +409,7 @@ def d_max(samples, experts, present=None):
 def d_a(samples, experts, present=None, pair_distance: str = "dice"):
     """Diversity agreement 1 − (|maxV_Y − maxV_S| + |minV_Y − minV_S|)/2, V over pairs i < j in a set.
 
-    V = 1 − Dice (DESIGN.md §6; Dice(∅, ∅) = 1) or, with `pair_distance="pixel_variance"`, the
+    V = 1 − Dice (Dice(∅, ∅) = 1) or, with `pair_distance="pixel_variance"`, the
     per-pixel variance of a − b that some public CIMD-derived scripts use. A single-mask set has V = 0.
     """
     stats = pair_stats(samples, experts, present)
@@ -419,7 +419,7 @@ def d_a(samples, experts, present=None, pair_distance: str = "dice"):
 def s_c(samples, experts, present=None):
     """Combined sensitivity TP/(TP + FN): the union of samples against the union of (present) experts.
 
-    1 when the expert union is empty (DESIGN.md §6).
+    1 when the expert union is empty (ssb-fast's convention).
     """
     stats = pair_stats(samples, experts, present)
     return _out(stats.s_c(), stats.sets.batched)

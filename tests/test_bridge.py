@@ -14,7 +14,7 @@ CONFIGS = [(1000, 0.3), (200, 1.0)]
 
 
 def closed_forms(n: int, beta_max: float) -> dict[str, np.ndarray]:
-    """DESIGN.md §2 written out again, element by element in float64."""
+    """The bridge definitions written out again, element by element in float64."""
     lo, hi = math.sqrt(1e-4), math.sqrt(beta_max / n)
     b = np.array([(lo + (hi - lo) * i / (n - 1)) ** 2 for i in range(n)])
     betas = np.concatenate([b[: n // 2], b[: n // 2][::-1]])

@@ -49,7 +49,7 @@ def peer_dice(a, b):
 
 def peer_metrics(samples, experts):
     """The definitions computed pair by pair, the way the public peer code loops (PHiSeg's GED,
-    CCDM's lcm-repeated Hungarian IoU, CIMD-derived D_max / S_c / CI), with DESIGN.md's D_a and DDI."""
+    CCDM's lcm-repeated Hungarian IoU, CIMD-derived D_max / S_c / CI), with this project's D_a and DDI."""
     s = [x.astype(bool) for x in samples]
     y = [x.astype(bool) for x in experts]
     n, m = len(s), len(y)

@@ -111,6 +111,7 @@ class TrainResult:
     last_log: dict
     stopped_early: bool = False
     rank: int = 0
+    last_val: dict = field(default_factory=dict)
 
 
 class _StopFlag:
@@ -248,7 +249,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
         barrier(ctx)
 
     sums = torch.zeros(4, device=device)  # loss, mse, dice_loss, grad_norm since the last log line
-    count, last_log, t_last = 0, {}, time.perf_counter()
+    count, last_log, last_val, t_last = 0, {}, {}, time.perf_counter()
     step = start_step
     stopped_early = False
     model.train()
@@ -289,6 +290,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
                     and ctx.is_main):
                 scores = validate(ema.shadow, bridge, val_set, cfg.val_scans, cfg.val_samples, cfg.nfe_val,
                                   seed=cfg.seed, device=device)
+                last_val = {"step": step, **scores}
                 log({"step": step, "val": scores})
                 model.train()
             if step % cfg.save_every == 0 or step == cfg.steps:
@@ -299,4 +301,4 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
                 stopped_early = step < cfg.steps
                 log({"event": "stopped", "step": step})
                 break
-    return TrainResult(step, run_dir, model, ema, last_log, stopped_early, ctx.rank)
+    return TrainResult(step, run_dir, model, ema, last_log, stopped_early, ctx.rank, last_val)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Annotated
 
 import typer
@@ -30,12 +29,15 @@ def _d(name: str):
     )
 )
 def train(
-    data: Annotated[str | None, typer.Option(help="Dataset folder (train.npz, val.npz, meta.json).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run folder to create (config, checkpoints, log).")] = None,
-    resume: Annotated[str | None, typer.Option(help="Continue the run in this folder exactly where it "
-                                                        "stopped (--steps may raise the target).")] = None,
-    preset: Annotated[str | None, typer.Option(help=f"U-Net preset: tiny, ssb, ssb++ (default {_d('preset')}).",
-                                                  show_default=False)] = None,
+    data: Annotated[str | None, typer.Option(
+        metavar="DIR", help="Dataset folder (train.npz, val.npz, meta.json).")] = None,
+    out: Annotated[str | None, typer.Option(
+        metavar="RUN", help="Run folder to create (config, checkpoints, log).")] = None,
+    resume: Annotated[str | None, typer.Option(
+        metavar="RUN", help="Continue the run in this folder exactly where it stopped (--steps may raise the "
+                            "target).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        metavar="NAME", help=f"U-Net preset: tiny, ssb, ssb++ (default {_d('preset')}).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help=f"Optimizer steps in total "
                                                  f"(default {_d('steps')}).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help=f"Batch per process; the effective batch "
@@ -126,12 +128,21 @@ def train(
     if result.rank != 0:  # under torchrun only rank 0 reports
         raise typer.Exit(130 if result.stopped_early else 0)
     summary = {"run": str(result.run_dir), "step": result.step, "stopped_early": result.stopped_early,
-               **{k: v for k, v in result.last_log.items() if k != "step"}}
+               "train": result.last_log, "val": result.last_val}
     if json_out:
         print_json(summary)
     else:
-        typer.echo(f"trained to step {result.step}: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v
-                                                                     for k, v in result.last_log.items()}))
-        typer.echo(f"run folder: {result.run_dir} (model.safetensors, train_state.safetensors, log.jsonl)")
+        log = result.last_log
+        if log:
+            typer.echo(f"trained to step {result.step} ({log['steps_per_s']:.2f} steps/s, effective batch "
+                       f"{log['effective_batch']}): loss {log['loss']:.4f}  mse {log['mse']:.4f}  "
+                       f"dice loss {log['dice_loss']:.4f}")
+        val = result.last_val
+        if val:
+            typer.echo(f"validation at step {val['step']} ({val['n_scans']} scans x {val['n_samples']} masks, "
+                       f"NFE {val['nfe']}): GED {val['ged']:.4f}  D_max {val['d_max']:.4f}  CI {val['ci']:.4f}  "
+                       f"HM-IoU {val['hm_iou']:.4f}")
+        typer.echo(f"run folder: {result.run_dir} (config.json, model.safetensors, train_state.safetensors, "
+                   f"log.jsonl)")
     if result.stopped_early:
         raise typer.Exit(130)
