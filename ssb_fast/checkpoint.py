@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ssb_fast import __version__
+from ssb_fast.atomic import write_bytes_atomic
 
 SCHEMA = 1
 MODEL_FORMAT = "ssb-fast/model"
@@ -35,10 +36,7 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file via a temporary file and os.replace, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write a safetensors file atomically, so a crash never leaves half a checkpoint."""
     flat, seen = {}, set()
     for key, value in tensors.items():
         value = value.detach().to("cpu").contiguous()
@@ -46,15 +44,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
             value = value.clone()
         seen.add(value.data_ptr())
         flat[key] = value
-    try:
-        save_file(flat, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_bytes_atomic(path, safetensors_bytes(flat, metadata=metadata))
 
 
 def _base_metadata(fmt: str, **extra: str) -> dict[str, str]:

@@ -14,12 +14,13 @@ scan0, scan1, ...; 3-D arrays are one scan). Nothing is unpickled. Writes are at
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ssb_fast.atomic import write_atomic
 
 SAMPLES_FILE = "samples.npz"
 
@@ -154,17 +155,7 @@ def write_samples_npz(path: str | os.PathLike, samples, experts, present=None, c
     p = Path(path)
     file = p if p.suffix == ".npz" else p / SAMPLES_FILE
     sample_set = _validate(samples, experts, present, case_ids, file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}-", suffix=".npz.tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            save = np.savez_compressed if compress else np.savez
-            save(fh, samples=sample_set.samples, experts=sample_set.experts,
-                 present=sample_set.present, case_ids=np.asarray(sample_set.case_ids, dtype=str))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return file
+    save = np.savez_compressed if compress else np.savez
+    return write_atomic(file, lambda fh: save(
+        fh, samples=sample_set.samples, experts=sample_set.experts, present=sample_set.present,
+        case_ids=np.asarray(sample_set.case_ids, dtype=str)))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ssb_fast import atomic, load_model
 from ssb_fast import checkpoint as ckpt
-from ssb_fast import load_model
 from ssb_fast.model import UNet, UNetConfig
 
 
@@ -127,12 +127,10 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     write_run_model(path)
     before = path.read_bytes()
 
-    def broken(*args, **kwargs):
-        with open(args[1], "wb") as fh:
-            fh.write(b"partial")
+    def disk_full(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)  # the new bytes are written, then the flush fails
     with pytest.raises(OSError, match="disk full"):
         write_run_model(path)
     assert path.read_bytes() == before

@@ -26,6 +26,7 @@ from ssb_fast.train.validate import validate
 from torch.nn.parallel import DistributedDataParallel
 
 from ssb_fast import __version__
+from ssb_fast.atomic import write_json_atomic
 from ssb_fast.bridge import Bridge
 from ssb_fast.checkpoint import (
     MODEL_FORMAT,
@@ -146,12 +147,6 @@ def read_run_config(run_dir: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def _collate(dataset, indices: list[int], device: torch.device):
     items = [dataset[i] for i in indices]
     images = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(device, non_blocking=True)
@@ -221,7 +216,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
                                   f"or choose another --out")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_dir / CONFIG_FILE, run_config)
+        write_json_atomic(run_dir / CONFIG_FILE, run_config, sort_keys=True)
 
     net = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None) if ctx.distributed \
         else model

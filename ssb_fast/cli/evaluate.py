@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 
+from ssb_fast.atomic import write_json_atomic
 from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
 from ssb_fast.devices import resolve_device
 from ssb_fast.metrics import CONVENTIONS, METRIC_NAMES
@@ -97,20 +95,6 @@ def format_table(report: dict) -> str:
         lines.append(f"{'mean':<{width}}  {'':>2}  {values}")
     lines.append(EMPTY_NOTE)
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON via a temp file in the same folder and os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()

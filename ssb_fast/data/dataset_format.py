@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from ssb_fast.atomic import stage_file
 
 FORMAT = "ssb-fast-dataset"
 SCHEMA = 1
@@ -124,9 +125,10 @@ def write_dataset(
     staged: list[tuple[Path, Path]] = []
     try:
         for name, a in arrays.items():
-            staged.append((_stage(out, lambda f, a=a: np.savez_compressed(f, **a)), out / f"{name}.npz"))
+            final = out / f"{name}.npz"
+            staged.append((stage_file(final, lambda f, a=a: np.savez_compressed(f, **a)), final))
         meta_text = json.dumps(full_meta, indent=2, sort_keys=False) + "\n"
-        staged.append((_stage(out, lambda f: f.write(meta_text.encode())), out / "meta.json"))
+        staged.append((stage_file(out / "meta.json", lambda f: f.write(meta_text.encode())), out / "meta.json"))
         for tmp, final in staged:
             os.replace(tmp, final)
     finally:
@@ -139,19 +141,6 @@ def _non_empty(masks: np.ndarray) -> np.ndarray:
     """(N, M) bool: which reader masks have at least one foreground pixel."""
     n, m = masks.shape[:2]
     return masks.reshape(n, m, -1).any(-1) if masks.size else np.zeros((n, m), dtype=bool)
-
-
-def _stage(out: Path, write) -> Path:
-    """Write through `write(file)` into a hidden temporary file in `out` (same filesystem as the target)."""
-    fd, name = tempfile.mkstemp(dir=out, prefix=".partial-", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _as_split_arrays(name: str, split: Mapping, path: Path) -> dict[str, np.ndarray]:
