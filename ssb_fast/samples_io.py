@@ -7,6 +7,10 @@
     present   bool  (B, M)                   which annotators exist for each scan
     case_ids  str   (B,)                     scan identifiers
 
+Scans sampled from image files have no experts: M = 0, `experts` (B, 0, H, W) and `present` (B, 0).
+Such a file reads fine, but has nothing to score against. `ssb-fast sample` also stores `labels`
+(B, N), the expert label each mask was drawn with, and with --soft `soft` (B, N, H, W) float16.
+
 Any .npz with `samples` and `experts` is read too (`present` defaults to all True, `case_ids` to
 scan0, scan1, ...; 3-D arrays are one scan). Nothing is unpickled. Writes are atomic.
 """
@@ -42,6 +46,11 @@ class SampleSet:
     @property
     def n_scans(self) -> int:
         return self.samples.shape[0]
+
+    @property
+    def has_experts(self) -> bool:
+        """False for masks sampled from image files (M = 0): there is nothing to score them against."""
+        return self.experts.shape[1] > 0
 
 
 def resolve_samples_path(path: str | os.PathLike) -> Path:
@@ -87,9 +96,8 @@ def _validate(samples, experts, present, case_ids, where: Path | str) -> SampleS
         want = f"(B={batch}, M, H={samples.shape[2]}, W={samples.shape[3]})"
         raise SamplesFormatError(f"{where}: 'experts' {experts.shape} does not match 'samples' "
                                  f"{samples.shape}: expected {want}")
-    if n == 0 or m == 0:
-        raise SamplesFormatError(f"{where}: every scan needs at least one sample and one expert; "
-                                 f"got N = {n}, M = {m}")
+    if n == 0:
+        raise SamplesFormatError(f"{where}: every scan needs at least one sample; got N = 0")
     samples = _binary_uint8(samples, "samples", where)
     experts = _binary_uint8(experts, "experts", where)
     if present is None:
@@ -102,7 +110,7 @@ def _validate(samples, experts, present, case_ids, where: Path | str) -> SampleS
         if present.dtype != np.bool_:
             present = _binary_uint8(present, "present", where).astype(bool)
         missing = ~present.any(axis=1)
-        if missing.any():
+        if m > 0 and missing.any():  # M = 0 (no experts at all) is allowed; a scan without any of M is not
             raise SamplesFormatError(f"{where}: scan {int(np.argmax(missing))} has no present expert "
                                      f"('present' is all False there)")
     if case_ids is None:
@@ -146,16 +154,24 @@ def read_samples_npz(path: str | os.PathLike) -> SampleSet:
 
 
 def write_samples_npz(path: str | os.PathLike, samples, experts, present=None, case_ids=None,
-                      compress: bool = True) -> Path:
+                      compress: bool = True, extra: dict[str, np.ndarray] | None = None) -> Path:
     """Write a samples file atomically (temp file + os.replace) and return its path.
 
     `path` is a folder (created if needed; the file is its samples.npz) or a file name ending in .npz.
-    Masks are validated (0/1, matching shapes, every scan with an expert) before anything is written.
+    Masks are validated (0/1, matching shapes, every scan with a present expert unless M = 0) before
+    anything is written. `extra` arrays (e.g. `labels`, `soft`) are stored beside them, one row per scan.
     """
     p = Path(path)
     file = p if p.suffix == ".npz" else p / SAMPLES_FILE
     sample_set = _validate(samples, experts, present, case_ids, file)
+    extra = {name: np.asarray(arr) for name, arr in (extra or {}).items()}
+    for name, arr in extra.items():
+        if name in ("samples", "experts", "present", "case_ids"):
+            raise ValueError(f"{file}: extra array {name!r} would replace a required array")
+        if arr.dtype.kind not in "biuf" or arr.ndim == 0 or arr.shape[0] != sample_set.n_scans:
+            raise SamplesFormatError(f"{file}: extra array {name!r} must be numeric with one row per scan "
+                                     f"({sample_set.n_scans}); got dtype {arr.dtype}, shape {arr.shape}")
     save = np.savez_compressed if compress else np.savez
     return write_atomic(file, lambda fh: save(
         fh, samples=sample_set.samples, experts=sample_set.experts, present=sample_set.present,
-        case_ids=np.asarray(sample_set.case_ids, dtype=str)))
+        case_ids=np.asarray(sample_set.case_ids, dtype=str), **extra))

@@ -6,6 +6,7 @@ from ssb_fast.cli import (
     data,  # noqa: F401  (registers the `data` commands)
     evaluate,  # noqa: F401  (registers the command)
     info,  # noqa: F401  (registers the command)
+    sample,  # noqa: F401  (registers the command)
     train,  # noqa: F401  (registers the command)
 )
 from ssb_fast.cli.app import app

@@ -29,6 +29,11 @@ def evaluate_sample_set(sample_set: SampleSet, device: torch.device, batch_size:
 
     Returns the report `evaluate` prints and writes: n_samples, per-scan rows, the mean, the conventions.
     """
+    if not sample_set.has_experts:
+        where = sample_set.path or "the samples"
+        raise SamplesFormatError(f"{where}: no experts' masks to score against (M = 0): these masks were "
+                                 f"sampled from image files; sample a dataset split (ssb-fast sample --data DIR) "
+                                 f"to evaluate")
     n_scans = sample_set.n_scans
     columns: dict[str, list] = {name: [] for name in (*METRIC_NAMES, "n_experts")}
     chunks = range(0, n_scans, batch_size)
