@@ -25,6 +25,7 @@ def stage_file(final: str | os.PathLike, write: Callable[[BinaryIO], None]) -> P
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}-", suffix=".tmp")
     tmp = Path(name)
     try:
+        os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -33,6 +34,12 @@ def stage_file(final: str | os.PathLike, write: Callable[[BinaryIO], None]) -> P
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(final: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
