@@ -42,6 +42,17 @@ from ssb_fast.data.image_io import (
 )
 from ssb_fast.devices import describe_device, resolve_device
 from ssb_fast.progress import progress_bar
+from ssb_fast.render import (
+    CAPTION,
+    READER_COLOURS,
+    SAMPLE_COLOUR,
+    TEXT,
+    grey_rgb,
+    heat,
+    new_canvas,
+    overlay,
+    paste_tiles,
+)
 from ssb_fast.sampler import LABEL_MODES, Sampler
 from ssb_fast.samples_io import SAMPLES_FILE, write_samples_npz
 
@@ -54,9 +65,6 @@ MODEL_FILE = "model.safetensors"
 MASK_SETTINGS = ("model_sha256", "bridge", "n_samples", "nfe", "guidance", "labels", "ot_ode", "seed", "soft")
 PREVIEW_SAMPLES = 6
 PREVIEW_TILE = 128
-SAMPLE_COLOUR = (70, 225, 225)
-# A few stops of an inferno-like colour map (black, purple, orange, pale yellow) for the mean and std tiles.
-HEAT_STOPS = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float64)
 
 
 class SampleRunError(ValueError):
@@ -336,58 +344,29 @@ def read_case_file(path: str | os.PathLike) -> dict:
 
 
 # ---- preview PNG ------------------------------------------------------------------------------------
-def _heat(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] (H, W) -> (H, W, 3) uint8 through HEAT_STOPS."""
-    stops = np.linspace(0.0, 1.0, len(HEAT_STOPS))
-    v = np.clip(values, 0.0, 1.0)
-    return np.stack([np.interp(v, stops, HEAT_STOPS[:, c]) for c in range(3)], -1).astype(np.uint8)
-
-
-def _overlay(grey: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
-    from ssb_fast.data.show import _outline
-
-    over = grey.astype(np.float32)
-    colour = np.asarray(colour, dtype=np.float32)
-    over[mask] = 0.55 * over[mask] + 0.45 * colour
-    over[_outline(mask)] = colour
-    return over.astype(np.uint8)
-
-
 def write_case_preview(path: str | os.PathLike, scan: np.ndarray, samples: np.ndarray, labels: np.ndarray,
                        experts: np.ndarray, present: np.ndarray, caption: str) -> Path:
     """One row of tiles: the scan, each expert's mask over it, the first samples over it (titled with the
     expert label each was drawn with), the mean mask (pixelwise probability) and the per-pixel std
     (uncertainty, 0 to 0.5), with a caption below."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from ssb_fast.data.show import READER_COLOURS, _grey_rgb
-
     height, width = samples.shape[-2:]
     scale = max(1, PREVIEW_TILE // max(height, width))
     th, tw, gap, header, footer = height * scale, width * scale, 2, 16, 16
-    grey = _grey_rgb(np.asarray(scan, dtype=np.float32))
+    grey = grey_rgb(np.asarray(scan, dtype=np.float32))
     tiles: list[tuple[str, np.ndarray | None]] = [("scan", grey)]
     for k in range(experts.shape[0]):
         colour = READER_COLOURS[k % len(READER_COLOURS)]
-        tiles.append((f"expert {k + 1}", _overlay(grey, experts[k].astype(bool), colour) if present[k] else None))
+        tiles.append((f"expert {k + 1}", overlay(grey, experts[k], colour) if present[k] else None))
     for i in range(min(PREVIEW_SAMPLES, samples.shape[0])):
-        tiles.append((f"sample {i + 1} / expert {int(labels[i]) + 1}",
-                      _overlay(grey, samples[i].astype(bool), SAMPLE_COLOUR)))
+        tiles.append((f"sample {i + 1} / expert {int(labels[i]) + 1}", overlay(grey, samples[i], SAMPLE_COLOUR)))
     prob = samples.astype(np.float64).mean(axis=0)
-    tiles.append(("mean", _heat(prob)))
-    tiles.append(("std (max 0.5)", _heat(np.sqrt(prob * (1.0 - prob)) / 0.5)))  # std of 0/1 values
-    canvas = Image.new("RGB", (len(tiles) * (tw + gap), header + th + footer), (24, 24, 24))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for c, (title, tile) in enumerate(tiles):
-        x = c * (tw + gap)
-        draw.text((x + 3, 2), title, fill=(230, 230, 230), font=font)
-        if tile is None:
-            draw.rectangle([x, header, x + tw - 1, header + th - 1], fill=(60, 60, 60))
-            draw.text((x + 4, header + th // 2 - 5), "absent", fill=(200, 200, 200), font=font)
-        else:
-            canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (x, header))
-    draw.text((3, header + th + 2), caption, fill=(255, 255, 120), font=font)
+    tiles.append(("mean", heat(prob)))
+    tiles.append(("std (max 0.5)", heat(np.sqrt(prob * (1.0 - prob)) / 0.5)))  # std of 0/1 values
+    canvas, draw, font = new_canvas(len(tiles) * (tw + gap), header + th + footer)
+    for c, (title, _) in enumerate(tiles):
+        draw.text((c * (tw + gap) + 3, 2), title, fill=TEXT, font=font)
+    paste_tiles(canvas, draw, font, [tile for _, tile in tiles], header, tw, th, gap)
+    draw.text((3, header + th + 2), caption, fill=CAPTION, font=font)
 
     def save(fh):
         canvas.save(fh, format="PNG")

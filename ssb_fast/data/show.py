@@ -10,16 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ssb_fast.data.dataset import SegmentationDataset
-
-# Reader colours in the montage (RGB), cycled when a dataset has more readers.
-READER_COLOURS = (
-    (230, 80, 60),
-    (60, 160, 230),
-    (90, 200, 90),
-    (235, 190, 50),
-    (200, 90, 220),
-    (240, 140, 40),
-)
+from ssb_fast.render import CAPTION, READER_COLOURS, TEXT, grey_rgb, heat, new_canvas, overlay, paste_tiles
 
 
 def pairwise_iou_distance(masks: np.ndarray) -> np.ndarray:
@@ -112,26 +103,9 @@ def _histogram(values: np.ndarray, top: int) -> dict[str, int]:
     return {str(k): counts.get(k, 0) for k in range(0, top + 1)}
 
 
-def _grey_rgb(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W, 3) uint8 (first channel as grey, or the first three as RGB)."""
-    chans = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
-    return np.clip((np.moveaxis(chans, 0, -1) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
-
-
 def montage(dataset: SegmentationDataset, out_png: str | os.PathLike, n_cases: int = 12, tile: int = 128) -> Path:
     """Write a PNG grid: one row per case (image, each reader's mask over the image, the readers' mean),
     rows picked evenly through the split; absent readers are marked. Returns the path."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if len(dataset) == 0:
         raise ValueError("the split has no cases to show")
     n_rows = min(n_cases, len(dataset))
@@ -140,42 +114,23 @@ def montage(dataset: SegmentationDataset, out_png: str | os.PathLike, n_cases: i
     scale = max(1, tile // max(h, w))
     th, tw = h * scale, w * scale
     m = dataset.n_raters
-    header, label_w, gap = 18, 0, 2
-    cols = m + 2
-    canvas = Image.new("RGB", (label_w + cols * (tw + gap), header + len(picks) * (th + gap)), (24, 24, 24))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    header, gap = 18, 2
+    canvas, draw, font = new_canvas((m + 2) * (tw + gap), header + len(picks) * (th + gap))
     titles = ["image"] + [f"reader {k + 1}" for k in range(m)] + ["reader mean"]
     for c, title in enumerate(titles):
-        draw.text((c * (tw + gap) + 3, 3), title, fill=(230, 230, 230), font=font)
+        draw.text((c * (tw + gap) + 3, 3), title, fill=TEXT, font=font)
     for r, idx in enumerate(picks):
         item = dataset[int(idx)]
-        grey = _grey_rgb(item["image"].numpy())
+        grey = grey_rgb(item["image"].numpy())
         masks = item["masks"].numpy().astype(bool)
         present = item["present"].numpy()
         y = header + r * (th + gap)
-        tiles = [grey]
-        for k in range(m):
-            if not present[k]:
-                tiles.append(None)
-                continue
-            colour = np.array(READER_COLOURS[k % len(READER_COLOURS)], dtype=np.float32)
-            over = grey.astype(np.float32)
-            over[masks[k]] = 0.55 * over[masks[k]] + 0.45 * colour
-            over[_outline(masks[k])] = colour
-            tiles.append(over.astype(np.uint8))
-        mean = masks[present].mean(0) if present.any() else np.zeros((h, w))
-        heat = np.stack([mean * 255, mean * 200, 40 + mean * 0], -1).astype(np.uint8)
-        tiles.append(heat)
-        for c, t in enumerate(tiles):
-            x = c * (tw + gap)
-            if t is None:
-                draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=(60, 60, 60))
-                draw.text((x + 4, y + th // 2 - 5), "absent", fill=(200, 200, 200), font=font)
-                continue
-            canvas.paste(Image.fromarray(t).resize((tw, th), Image.NEAREST), (x, y))
+        tiles = [grey] + [overlay(grey, masks[k], READER_COLOURS[k % len(READER_COLOURS)]) if present[k] else None
+                          for k in range(m)]
+        tiles.append(heat(masks[present].mean(0) if present.any() else np.zeros((h, w))))
+        paste_tiles(canvas, draw, font, tiles, y, tw, th, gap)
         # The case id may run on into the first reader's tile: ids are often longer than one tile is wide.
-        draw.text((3, y + th - 12), item["case_id"][: max(8, 2 * tw // 6)], fill=(255, 255, 120), font=font)
+        draw.text((3, y + th - 12), item["case_id"][: max(8, 2 * tw // 6)], fill=CAPTION, font=font)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png)
