@@ -13,6 +13,7 @@ import ssb_fast
 from ssb_fast import kernels
 from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
 from ssb_fast.devices import describe_device, resolve_device
+from ssb_fast.telemetry import gpu_inventory
 
 
 def collect_info(device: torch.device) -> dict:
@@ -22,6 +23,7 @@ def collect_info(device: torch.device) -> dict:
         import triton
 
         triton_version = triton.__version__
+    gpus, nvml_note = gpu_inventory()
     return {
         "ssb_fast": ssb_fast.__version__,
         "python": platform.python_version(),
@@ -36,6 +38,8 @@ def collect_info(device: torch.device) -> dict:
         "triton_interpret": kernels.interpreting(),
         "triton_interpret_env": os.environ.get("TRITON_INTERPRET"),
         "op_backends": kernels.op_backends(device),
+        "gpus": gpus,
+        "nvml": nvml_note or "ok",
     }
 
 
@@ -65,6 +69,12 @@ def info(device: DeviceOption = "auto", json_out: JsonOption = False) -> None:
         ("TRITON_INTERPRET", "on" if data["triton_interpret"] else "off"),
     ]
     rows += [(f"op {name}", backend) for name, backend in data["op_backends"].items()]
+    for gpu in data["gpus"]:
+        mem = f"{gpu['memory_total_gib']:.1f} GiB" if gpu["memory_total_gib"] is not None else "memory ?"
+        power = f", {gpu['power_limit_w']:.0f} W limit" if gpu["power_limit_w"] is not None else ""
+        rows.append((f"gpu {gpu['index']}", f"{gpu['name']} ({mem}{power}, driver {gpu['driver']})"))
+    if not data["gpus"]:
+        rows.append(("NVML", data["nvml"]))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
