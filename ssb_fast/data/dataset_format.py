@@ -26,6 +26,14 @@ REQUIRED_ARRAYS = ("images", "masks", "present", "case_ids")
 OPTIONAL_ARRAYS = ("patient_ids",)
 
 
+# Credit and licence of LIDC-IDRI, recorded in the meta.json of every dataset built from it.
+LIDC_LICENCE = "LIDC-IDRI: CC BY 3.0"
+LIDC_CREDIT = (
+    "Armato III, S. G., et al. (2015). Data From LIDC-IDRI. The Cancer Imaging Archive. "
+    "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX"
+)
+
+
 class DataFormatError(ValueError):
     """Input data that cannot be used; the message names the file, the case (when known) and what is wrong."""
 

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ssb_fast.data.dataset_format import SPLITS, DataFormatError, read_meta, split_by_group, write_dataset
+from ssb_fast.data.dataset_format import (
+    LIDC_CREDIT,
+    LIDC_LICENCE,
+    SPLITS,
+    DataFormatError,
+    read_meta,
+    split_by_group,
+    write_dataset,
+)
 from ssb_fast.data.image_io import (
     IMAGE_SUFFIXES,
     JPEG_THRESHOLD,
@@ -167,9 +175,8 @@ def import_lidc_pickle(
         "semi_synthetic": False,
         "description": "LIDC-IDRI crops in the Probabilistic U-Net pickle format.",
         "source": f"import-lidc-pickle {Path(file).name}",
-        "licence": "LIDC-IDRI: CC BY 3.0",
-        "credit": "Armato III, S. G., et al. (2015). Data From LIDC-IDRI. The Cancer Imaging Archive. "
-        "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX",
+        "licence": LIDC_LICENCE,
+        "credit": LIDC_CREDIT,
         "split_rule": f"by series_uid, train/val/test 70/15/15, seed {seed}",
         **info,
         "counts": {"cases": len(cases), "patients": len(set(arrays["patient_ids"]))},
@@ -232,9 +239,8 @@ def import_lidc_hdf5(
         "semi_synthetic": False,
         "description": "LIDC-IDRI crops in the PHiSeg / CCDM hdf5 layout.",
         "source": f"import-lidc-hdf5 {Path(file).name}",
-        "licence": "LIDC-IDRI: CC BY 3.0",
-        "credit": "Armato III, S. G., et al. (2015). Data From LIDC-IDRI. The Cancer Imaging Archive. "
-        "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX",
+        "licence": LIDC_LICENCE,
+        "credit": LIDC_CREDIT,
         "split_rule": "the file's own train/val/test groups",
         **info,
         "counts": {"cases": len(cases)},

@@ -23,15 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ssb_fast.data.dataset_format import SPLITS, read_meta, split_by_group, write_dataset
+from ssb_fast.data.dataset_format import LIDC_CREDIT, SPLITS, read_meta, split_by_group, write_dataset
 from ssb_fast.data.rasterise import rasterise_contours
 from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
 
 N_READERS = 4  # every LIDC-IDRI scan was read by up to four radiologists
-LIDC_CREDIT = (
-    "Armato III, S. G., et al. (2015). Data From LIDC-IDRI. The Cancer Imaging Archive. "
-    "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX"
-)
 
 
 class PylidcNotInstalled(FileNotFoundError):
