@@ -1,4 +1,5 @@
-"""Test setup: run Triton launchers in the interpreter on CPU-only machines; skip `gpu` tests there."""
+"""Test setup: run Triton launchers in the interpreter on CPU-only machines, and skip `gpu` tests there; on a
+CUDA machine the tests of Triton launchers (those taking `triton_device`) become `gpu` tests."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_collection_modifyitems(config, items):
+def mark_gpu_items(items, cuda_available: bool) -> None:
+    """On a CUDA machine every test that takes `triton_device` is a `gpu` test (so `-m gpu` selects it and the
+    default `-m 'not gpu'` leaves it out); on a CPU machine those stay unmarked and run in the interpreter,
+    while tests marked `gpu` by hand are skipped."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if cuda_available and "triton_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+        if "gpu" in item.keywords and not cuda_available:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(tryfirst=True)  # markers must exist before `-m` deselects (pytest's own hook runs later)
+def pytest_collection_modifyitems(config, items):
+    mark_gpu_items(items, torch.cuda.is_available())
 
 
 @pytest.fixture

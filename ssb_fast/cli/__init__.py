@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ssb_fast.cli import (
+    bench,  # noqa: F401  (registers the `bench` commands)
     data,  # noqa: F401  (registers the `data` commands)
     evaluate,  # noqa: F401  (registers the command)
     info,  # noqa: F401  (registers the command)
