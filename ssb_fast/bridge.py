@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ssb_fast.kernels import bridge_sample as _bridge_sample_op
-from ssb_fast.kernels.bridge_sample import schedule_table
+from ssb_fast.kernels.bridge_sample import check_t_range, schedule_table
 
 
 def gaussian_product(sigma1, sigma2):
@@ -162,5 +162,10 @@ class Bridge:
 
     def bridge_sample(self, t: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, seeds: torch.Tensor,
                       ot_ode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, label) in one fused pass, the noise keyed by per-sample `seeds` (int64, (B,))."""
-        return _bridge_sample_op(x0, x1, t, self.schedule(x0.device), seeds, ot_ode)
+        """(x_t, label) in one fused pass, the noise keyed by per-sample `seeds` (int64, (B,)).
+
+        Give t on the CPU: it is range-checked there and moved to x0's device without a host sync."""
+        schedule = self.schedule(x0.device)
+        check_t_range(t, schedule.shape[1])
+        return _bridge_sample_op(x0, x1, t.to(x0.device, non_blocking=True), schedule,
+                                 seeds.to(x0.device, non_blocking=True), ot_ode)

@@ -1,14 +1,16 @@
 """The one sampling loop of ssb-fast: N masks per scan from the bridge, with classifier-free guidance.
 
-Per step, one network call evaluates a 2B batch laid out in a preallocated buffer `[x_t | scan]`
-(rows [0, B) carry each mask's expert label, rows [B, 2B) the null label), and the fused `cfg_step`
-op turns its output into x_{n-1}, written straight into the x_t channels of the other (ping-pong)
-buffer. The first step is shared: every mask of a scan starts at x = x1, so its network output
-depends only on (scan, label) and is evaluated once per distinct pair.
+Per step, one network call evaluates the chunk's rows laid out in a preallocated buffer `[x_t | scan]`
+and the fused `cfg_step` op turns its output into x_{n-1}, written straight into the x_t channels of
+the other (ping-pong) buffer. With 0 < w != 1 a step evaluates 2B rows (rows [0, B) carry each mask's
+expert label, rows [B, 2B) the null label); at w = 1 only the B conditional rows and at w = 0 only the
+B null-label rows, since u + w (c - u) then needs one half. The first step is shared: every mask of a
+scan starts at x = x1, so its network output depends only on (scan, label) and is evaluated once per
+distinct pair.
 
 Noise is keyed per mask (run seed, case id, mask index), so mask i of a scan is the same whatever
-chunk, batch size or process computed it. The sampler knows nothing about the network class: it
-takes a callable `net(x, t, label)`.
+chunk, batch size or process computed it. The loop knows nothing about the network class: a
+`StepRunner` (ssb_fast.step_runner) owns precision, layout, compilation and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from ssb_fast.bridge import Bridge
 from ssb_fast.kernels import noise_seed, noise_seeds
+from ssb_fast.step_runner import StepRunner, StepSchedule, allowed_sync, is_out_of_memory
 
 LABEL_MODES = ("cycle", "random")
 
@@ -54,20 +57,22 @@ class Sampler:
     """Turn S scans into N masks each with `nfe` network evaluations per mask.
 
     net: callable (x (R, mask_ch + scan_ch, H, W), t (R,) float, label (R,) int64) -> (R, mask_ch, H, W);
-        a `UNet` qualifies, and its `config.n_labels` / `null_label` are read when not given.
-    guidance: w in out = u + w (c - u); 1 = conditional only, 0 = unconditional.
-    max_batch: masks per chunk (B; the network sees 2B rows). Default 256 on CUDA, 32 on CPU. On CUDA
-        out-of-memory the chunk is halved and retried; finished chunks are kept.
-    amp / channels_last: bf16 autocast and channels_last buffers, on by default on CUDA only.
-    compile / cuda_graphs: torch.compile the network (mode "reduce-overhead" captures CUDA graphs).
+        a `UNet` qualifies, and its `config.n_labels` / `null_label` are read when not given. A module is
+        put in eval mode while sampling (dropout is never live) and restored afterwards.
+    guidance: w in out = u + w (c - u); 1 = conditional only, 0 = unconditional (both evaluate B rows;
+        `guidance_fast_path=False` forces 2B rows there too, for comparison).
+    max_batch: masks per chunk (B). Default 256 on CUDA, 32 on CPU. On CUDA out-of-memory the chunk is
+        halved and retried; finished chunks are kept, and later calls keep the smaller size.
+    precision / channels_last / compile / cuda_graphs: see `StepRunner` (bfloat16 weights and
+        channels_last by default on CUDA only; compile pads every call to at most two row counts).
     """
 
     def __init__(self, net: Callable, bridge: Bridge, *, nfe: int = 20, guidance: float = 1.0,
                  n_labels: int | None = None, null_label: int | None = None, mask_channels: int = 1,
                  ot_ode: bool = False, clamp: bool = True, max_batch: int | None = None, seed: int = 0,
                  labels: str = "cycle", share_first_step: bool = True, device: torch.device | str | None = None,
-                 amp: bool | None = None, channels_last: bool | None = None, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 precision: str | None = None, channels_last: bool | None = None, compile: bool | str = False,
+                 cuda_graphs: bool = False, guidance_fast_path: bool = True):
         config = getattr(net, "config", None)
         if n_labels is None:  # the null label is index n_labels, so either attribute tells the count
             n_labels = getattr(config, "n_labels", getattr(net, "null_label", 0))
@@ -88,29 +93,32 @@ class Sampler:
             first = next(iter(params()), None) if callable(params) else None
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
-        on_cuda = self.device.type == "cuda"
         self.bridge, self.nfe, self.guidance = bridge, nfe, float(guidance)
         self.ot_ode, self.clamp, self.seed, self.label_mode = ot_ode, clamp, int(seed), labels
         self.share_first_step = share_first_step
-        self.max_batch = int(max_batch) if max_batch is not None else (256 if on_cuda else 32)
-        self.amp = on_cuda if amp is None else bool(amp)
-        self.channels_last = on_cuda if channels_last is None else bool(channels_last)
-        self.net = net
-        if compile or cuda_graphs:
-            self.net = torch.compile(net, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+        self.max_batch = int(max_batch) if max_batch is not None else (256 if self.device.type == "cuda" else 32)
+        # Rows per mask and step: one half when guidance needs only the conditional (w = 1) or only the
+        # unconditional (w = 0) output, both halves otherwise.
+        self.halves = 1 if guidance_fast_path and self.guidance in (0.0, 1.0) else 2
+        self.runner = StepRunner(net, self.device, precision=precision, channels_last=channels_last,
+                                 compile=compile, cuda_graphs=cuda_graphs, mask_channels=self.mask_channels)
         # Per-step tables on the device, built once: network time inputs and posterior coefficients.
-        self._t_in = bridge.noise_levels[self.steps].to(self.device)
-        self._coefs = bridge.sampling_coefs(self.steps, device=self.device)
+        self.schedule = StepSchedule(
+            steps=tuple(self.steps), t_in=bridge.noise_levels[self.steps].to(self.device),
+            coefs=bridge.sampling_coefs(self.steps, device=self.device),
+            steps_dev=torch.tensor(self.steps, dtype=torch.int64, device=self.device),
+            guidance=self.guidance, halves=self.halves, ot_ode=bool(ot_ode), clamp=bool(clamp),
+        )
 
     # ---- public API ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def sample(self, scans: torch.Tensor, n_samples: int, case_ids: Sequence[str] | None = None,
                labels: torch.Tensor | None = None, return_soft: bool = False,
                on_chunk: Callable[[int, int], None] | None = None) -> SampleResult:
         """Draw `n_samples` masks for each of the S scans (S, C, H, W) in [-1, 1].
 
         case_ids key the noise (default "0", "1", ...); labels (S, N) or (N,) override the expert labels.
-        on_chunk(done, total) is called after every finished chunk.
+        on_chunk(done, total) is called after every finished chunk. The stats hold the warm-up (compile,
+        autotuning, graph capture) in `warmup_seconds` and the steady state in `seconds`/`masks_per_s`.
         """
         scans = self._check_scans(scans)
         n_scans, _, height, width = scans.shape
@@ -124,40 +132,59 @@ class Sampler:
 
         masks = torch.zeros(n_scans, n_samples, height, width, dtype=torch.uint8)
         soft = torch.zeros(n_scans, n_samples, height, width) if return_soft else None
-        stats = {"masks": n_scans * n_samples, "nfe": self.nfe, "chunks": 0, "network_rows": 0,
-                 "oom_retries": 0, "max_batch": self.max_batch}
-        scans_dev = scans.to(self.device, torch.float32)
-        total, done, batch = n_scans * n_samples, 0, self.max_batch
+        stats = {"masks": n_scans * n_samples, "nfe": self.nfe, "chunks": 0, "network_rows": 0, "padding_rows": 0,
+                 "rows_per_step": self.halves, "oom_retries": 0, "max_batch": self.max_batch,
+                 "precision": self.runner.precision}
+        total, done = n_scans * n_samples, 0
+        warmup_before = self.runner.warmup_seconds
         start = time.perf_counter()
-        while done < total:
-            b = min(batch, total - done)
-            flat = torch.arange(done, done + b)
-            scan_idx, mask_idx = flat // n_samples, flat % n_samples
-            seeds = noise_seeds(self.seed, [case_ids[s] for s in scan_idx.tolist()], mask_idx.tolist(),
-                                device=self.device)
-            try:
-                x0, rows = self._run_chunk(scans_dev, scan_idx, labels[scan_idx, mask_idx], seeds)
-            except torch.cuda.OutOfMemoryError:
-                if b == 1:
-                    raise
-                batch = b // 2
-                stats["oom_retries"] += 1
-                torch.cuda.empty_cache()
-                continue
-            x0 = x0[:, 0].float().cpu()
-            masks[scan_idx, mask_idx] = (x0 > 0).to(torch.uint8)
-            if soft is not None:
-                soft[scan_idx, mask_idx] = x0
-            done += b
-            stats["chunks"] += 1
-            stats["network_rows"] += rows
-            if on_chunk is not None:
-                on_chunk(done, total)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        stats["seconds"] = time.perf_counter() - start
+        with self.runner.inference():
+            scans_dev = scans.to(self.device, torch.float32)
+            first_bucket = None
+            while done < total:
+                batch = self.max_batch
+                b = min(batch, total - done)
+                flat = torch.arange(done, done + b)
+                scan_idx, mask_idx = flat // n_samples, flat % n_samples
+                failed = False
+                try:
+                    if first_bucket is None and self.share_first_step:
+                        first_bucket = self._first_step_bucket(labels, n_samples, total, done)
+                    with allowed_sync(self.device):
+                        seeds = noise_seeds(self.seed, [case_ids[s] for s in scan_idx.tolist()], mask_idx.tolist(),
+                                            device=self.device)
+                    x0, rows, padding = self._run_chunk(scans_dev, scan_idx, labels[scan_idx, mask_idx], seeds,
+                                                        first_bucket)
+                    with allowed_sync(self.device):  # the one sync of a chunk: its masks to the host
+                        x0 = x0[:, 0].float().cpu()
+                except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                    if not is_out_of_memory(err) or b == 1:
+                        raise
+                    failed = True
+                if failed:  # outside the except block, so that the failed chunk's tensors are freed first
+                    self.max_batch = max(1, b // 2)
+                    stats["oom_retries"] += 1
+                    first_bucket = None
+                    self.runner.release()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                masks[scan_idx, mask_idx] = (x0 > 0).to(torch.uint8)
+                if soft is not None:
+                    soft[scan_idx, mask_idx] = x0
+                done += b
+                stats["chunks"] += 1
+                stats["network_rows"] += rows
+                stats["padding_rows"] += padding
+                if on_chunk is not None:
+                    on_chunk(done, total)
+        elapsed = time.perf_counter() - start
+        warmup = self.runner.warmup_seconds - warmup_before
+        stats["warmup_seconds"] = warmup
+        stats["seconds"] = max(0.0, elapsed - warmup)
         stats["masks_per_s"] = total / stats["seconds"] if stats["seconds"] > 0 else float("nan")
-        stats["final_batch"] = batch
+        stats["final_batch"] = self.max_batch
+        stats["shapes"] = sorted(self.runner.shapes)
         return SampleResult(masks=masks, labels=labels, soft=soft, stats=stats)
 
     # ---- internals ---------------------------------------------------------------------------------
@@ -187,55 +214,69 @@ class Sampler:
             raise ValueError(f"labels must lie in [0, {self.n_labels}) (the experts the model knows)")
         return labels
 
-    def _new_buffer(self, rows: int, scan_rows: torch.Tensor) -> torch.Tensor:
-        """A (rows, mask_ch + scan_ch, H, W) float32 network input with the scan channels filled."""
-        _, chans, height, width = scan_rows.shape
-        buf = torch.empty(rows, self.mask_channels + chans, height, width, device=self.device)
-        if self.channels_last:
-            buf = buf.contiguous(memory_format=torch.channels_last)
-        reps = rows // scan_rows.shape[0]
-        buf[:, self.mask_channels:] = scan_rows.repeat(reps, 1, 1, 1)
-        return buf
+    def _row_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The network's label per row: expert labels, then the null label (2B); or one half (B)."""
+        null = torch.full_like(labels, self.null_label)
+        if self.halves == 2:
+            return torch.cat([labels, null])
+        return labels if self.guidance == 1.0 else null
 
-    def _call_net(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.net(x, t, label)
+    def _first_step_keys(self, scan_idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One key per network row of the first step: (scan, label) pairs, whose output is shared."""
+        return scan_idx.repeat(self.halves) * (self.null_label + 1) + self._row_labels(labels)
 
-    def _shared_first_output(self, scans_dev, scan_idx, labels) -> tuple[torch.Tensor, int]:
-        """Network output at the first step for the 2B rows, evaluated once per distinct (scan, label)."""
+    def _chunk_rows(self, b: int) -> int:
+        """Network rows of a chunk of b masks: halves * b, padded to a compiled row count when shapes are fixed."""
+        return self.runner.padded_rows(self.halves * b, cap=self.halves * self.max_batch)
+
+    def _first_step_bucket(self, labels: torch.Tensor, n_samples: int, total: int, done: int) -> int:
+        """The padded row count of the shared first step, from the chunk of this call with the most
+        distinct (scan, label) pairs, so that one bucket serves every chunk."""
+        most = 0
+        for lo in range(done, total, self.max_batch):
+            flat = torch.arange(lo, min(lo + self.max_batch, total))
+            keys = self._first_step_keys(flat // n_samples, labels[flat // n_samples, flat % n_samples])
+            most = max(most, int(torch.unique(keys).numel()))
+        return self.runner.bucket(most, cap=self._chunk_rows(min(self.max_batch, total - done)))
+
+    def _shared_first_output(self, scans_dev, scan_idx, labels, bucket) -> tuple[torch.Tensor, int, int]:
+        """Network output at the first step for every row, evaluated once per distinct (scan, label).
+        Returns it with the rows evaluated and how many of those were padding."""
         width = self.null_label + 1
-        keys = torch.cat([scan_idx * width + labels, scan_idx * width + self.null_label])
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        u_scan, u_label = uniq // width, uniq % width
-        buf = self._new_buffer(len(uniq), scans_dev[u_scan.to(self.device)])
-        mc = self.mask_channels
-        buf[:, :mc] = buf[:, mc : 2 * mc]  # x = x1, the scan's first channel
-        out = self._call_net(buf, self._t_in[-1].expand(len(uniq)), u_label.to(self.device))
-        return out[inverse.to(self.device)], len(uniq)
+        uniq, inverse = torch.unique(self._first_step_keys(scan_idx, labels), return_inverse=True)
+        rows = max(len(uniq), self.runner.padded_rows(len(uniq), cap=bucket))
+        pad = rows - len(uniq)
+        u_scan = torch.cat([uniq // width, (uniq[:1] // width).expand(pad)])
+        u_label = torch.cat([uniq % width, (uniq[:1] % width).expand(pad)])
+        with allowed_sync(self.device):
+            u_scan, u_label, inverse = (v.to(self.device) for v in (u_scan, u_label, inverse))
+        x = self.runner.new_input(rows, scans_dev[u_scan])
+        t = self.schedule.t_in[-1].expand(rows)
+        self.runner.warm(x, t, u_label)
+        out = self.runner.forward(x, t, u_label)
+        return out[inverse], rows, pad
 
-    def _run_chunk(self, scans_dev, scan_idx, labels, seeds) -> tuple[torch.Tensor, int]:
-        """Sample one chunk of B masks; returns x0̂ (B, mask_ch, H, W) and the network rows evaluated."""
-        batch, mc = scan_idx.shape[0], self.mask_channels
-        scan_rows = scans_dev[scan_idx.to(self.device)]
-        cur = self._new_buffer(2 * batch, scan_rows)
-        nxt = self._new_buffer(2 * batch, scan_rows)
-        x1 = scan_rows[:, :mc]  # the bridge starts at the scan's first channel
-        cur[:batch, :mc] = x1
-        cur[batch:, :mc] = x1
-        labels_dev = labels.to(self.device)
-        labels2 = torch.cat([labels_dev, torch.full_like(labels_dev, self.null_label)])
-        x0 = torch.empty(batch, mc, *scan_rows.shape[2:], device=self.device)
-        rows = 0
-        for k in range(len(self.steps) - 1, 0, -1):
-            step, prev = self.steps[k], self.steps[k - 1]
-            if k == len(self.steps) - 1 and self.share_first_step:
-                out, r = self._shared_first_output(scans_dev, scan_idx, labels)
-            else:
-                out, r = self._call_net(cur, self._t_in[k].expand(2 * batch), labels2), 2 * batch
-            rows += r
-            torch.ops.ssb_fast.cfg_step(
-                cur[:batch, :mc], out, self._coefs[k - 1].expand(batch, 4), seeds, self.guidance, step,
-                not self.ot_ode and prev > 0, self.clamp, nxt, x0 if k == 1 else None,
-            )
-            cur, nxt = nxt, cur
-        return x0, rows
+    def _run_chunk(self, scans_dev, scan_idx, labels, seeds, first_bucket) -> tuple[torch.Tensor, int, int]:
+        """Sample one chunk of b masks; returns x0̂ (b, mask_ch, H, W), the network rows evaluated and how
+        many of them were padding (rows added to reach a compiled shape)."""
+        b = scan_idx.shape[0]
+        bp = self._chunk_rows(b) // self.halves
+        if bp > b:  # pad with copies of the first mask; their results are dropped
+            scan_idx = torch.cat([scan_idx, scan_idx[:1].expand(bp - b)])
+            labels = torch.cat([labels, labels[:1].expand(bp - b)])
+            seeds = torch.cat([seeds, seeds[:1].expand(bp - b)])
+        with allowed_sync(self.device):
+            row_labels = self._row_labels(labels).to(self.device)
+            scan_rows = scans_dev[scan_idx.to(self.device)]
+        self.runner.begin_chunk(self.schedule, scan_rows, row_labels, seeds)
+        evaluated, padding = 0, 0
+        top = len(self.steps) - 1
+        for k in range(top, 0, -1):
+            first_out = None
+            if k == top and self.share_first_step:
+                first_out, first_rows, padding = self._shared_first_output(scans_dev, scan_idx, labels, first_bucket)
+                evaluated += first_rows
+            rows = self.runner.step(k, first_out)
+            evaluated += rows
+            padding += rows - rows * b // bp
+        return self.runner.x0[:b], evaluated, padding

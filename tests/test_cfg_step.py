@@ -124,7 +124,11 @@ def test_bad_input_names_the_argument():
     nxt = torch.zeros(6, 3, 8, 8)
     op = torch.ops.ssb_fast.cfg_step
     with pytest.raises(ValueError, match="net_out must be the 2B network output"):
+        op(x_n, net_out[:4], coefs, seeds, 1.0, 10, True, True, nxt, None)
+    with pytest.raises(ValueError, match=r"next_input must be a \(3, >= C"):
         op(x_n, net_out[:3], coefs, seeds, 1.0, 10, True, True, nxt, None)
+    with pytest.raises(ValueError, match="step_index must have shape"):
+        op(x_n, net_out, coefs, seeds, 1.0, 10, True, True, nxt, None, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="net_out must be the 2B network output"):
         op(x_n, net_out[:, :, :4], coefs, seeds, 1.0, 10, True, True, nxt, None)
     with pytest.raises(TypeError, match="x_n must have dtype"):
@@ -149,4 +153,55 @@ def test_bad_input_in_the_launcher(triton_device):
     x_n, net_out, coefs, seeds = make_inputs(2, (8, 8), torch.float32, device=triton_device, seed=1)
     nxt = torch.zeros(4, 2, 8, 8, device=triton_device)
     with pytest.raises(ValueError, match="net_out must be the 2B network output"):
-        cfg_step_triton(x_n, net_out[:2], coefs, seeds, 1.0, 5, True, True, nxt)
+        cfg_step_triton(x_n, net_out[:3], coefs, seeds, 1.0, 5, True, True, nxt)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES)
+@pytest.mark.parametrize("batch", [0, 1, 5])
+def test_b_row_output_matches_reference(batch, dtype, atol, rtol, triton_device):
+    """At w = 1 or 0 the sampler passes B rows (the guided output) and a B-row next input."""
+    x_n, net_out, coefs, seeds = make_inputs(batch, (17, 23), dtype, device=triton_device, seed=9)
+    kwargs = dict(guidance=1.0, step=STEPS[7], add_noise=True, clamp=True)
+    results = []
+    for fn in (cfg_step_ref, cfg_step_triton):
+        nxt, x0 = poisoned_buffers(batch, (17, 23), dtype, triton_device)
+        nxt = nxt[:batch]
+        fn(x_n, net_out[:batch], coefs, seeds, next_input=nxt, x0_out=x0, **kwargs)
+        results.append((nxt.cpu(), x0.cpu()))
+    (want_nxt, want_x0), (got_nxt, got_x0) = results
+    assert_close_report(got_nxt[:, :1], want_nxt[:, :1], atol, rtol, "x_prev")
+    assert_close_report(got_x0, want_x0, 2e-5, 1e-5, "x0_hat")
+    assert (got_nxt[:, 1:] == SENTINEL).all(), "scan channels must stay untouched"
+
+
+@pytest.mark.parametrize("guidance,half", [(1.0, 0), (0.0, 1)])
+def test_b_row_output_is_the_guided_half(guidance, half):
+    """B rows of c (w = 1) or u (w = 0) give the 2B step's x_prev, up to the rounding of u + w (c - u)."""
+    x_n, net_out, coefs, seeds = make_inputs(4, (9, 7), torch.float32, seed=3, row=4)
+    kwargs = dict(guidance=guidance, step=STEPS[5], add_noise=True, clamp=True)
+    nxt2, x02 = torch.zeros(8, 2, 9, 7), torch.zeros(4, 1, 9, 7)
+    cfg_step_ref(x_n, net_out, coefs, seeds, next_input=nxt2, x0_out=x02, **kwargs)
+    nxt1, x01 = torch.zeros(4, 2, 9, 7), torch.zeros(4, 1, 9, 7)
+    cfg_step_ref(x_n, net_out[4 * half : 4 * half + 4], coefs, seeds, next_input=nxt1, x0_out=x01, **kwargs)
+    torch.testing.assert_close(x01, x02, atol=1e-6, rtol=0)
+    torch.testing.assert_close(nxt1[:, :1], nxt2[:4, :1], atol=1e-6, rtol=0)
+    # a wrong half would be far off: the two halves are independent draws
+    other = net_out[4 * (1 - half) : 4 * (1 - half) + 4]
+    cfg_step_ref(x_n, other, coefs, seeds, next_input=nxt1, x0_out=x01, **kwargs)
+    assert (x01 - x02).abs().max() > 1e-2
+
+
+def test_step_index_tensor_keys_the_noise_like_the_step(triton_device):
+    """A captured CUDA graph reads the step from a device tensor; the noise must equal the int step's."""
+    args = make_inputs(3, (8, 8), torch.float32, device=triton_device, seed=5)
+    kwargs = dict(guidance=1.5, add_noise=True, clamp=True)
+    want, _ = poisoned_buffers(3, (8, 8), torch.float32, triton_device)
+    cfg_step_ref(*args, step=STEPS[4], next_input=want, **kwargs)
+    for fn in (cfg_step_ref, cfg_step_triton):
+        got, _ = poisoned_buffers(3, (8, 8), torch.float32, triton_device)
+        index = torch.tensor([STEPS[4]], device=triton_device)
+        fn(*args, step=STEPS[-1], next_input=got, step_index=index, **kwargs)  # step only bounds the span
+        assert_close_report(got[:, :1].cpu(), want[:, :1].cpu(), 2e-5, 1e-5, fn.__name__)
+        other, _ = poisoned_buffers(3, (8, 8), torch.float32, triton_device)
+        fn(*args, step=STEPS[-1], next_input=other, step_index=index + 1, **kwargs)
+        assert not torch.allclose(other[:, :1].cpu(), want[:, :1].cpu())

@@ -134,12 +134,40 @@ def test_noise_makes_masks_differ_and_the_seed_reproduces_them():
 def test_shared_first_step_saves_network_rows():
     net = ToyNet().eval()
     scans = scans_for(2)
-    shared = Sampler(net, BRIDGE, nfe=5, max_batch=64).sample(scans, 16)
+    shared = Sampler(net, BRIDGE, nfe=5, guidance=1.5, max_batch=64).sample(scans, 16)
     # first step: 2 scans x (4 experts + null) rows; then 4 steps x 2B rows with B = 32
     assert shared.stats["network_rows"] == 2 * 5 + 4 * 64
-    plain = Sampler(net, BRIDGE, nfe=5, max_batch=64, share_first_step=False).sample(scans, 16)
+    plain = Sampler(net, BRIDGE, nfe=5, guidance=1.5, max_batch=64, share_first_step=False).sample(scans, 16)
     assert plain.stats["network_rows"] == 5 * 64
     assert shared.stats["chunks"] == 1 and shared.stats["masks"] == 32
+    assert shared.stats["padding_rows"] == 0 and shared.stats["warmup_seconds"] == 0  # eager CPU: nothing to pad
+
+
+@pytest.mark.parametrize("guidance", [1.0, 0.0])
+def test_guidance_one_or_zero_evaluates_one_half(guidance):
+    """At w = 1 (or 0) a step evaluates the B conditional (or null-label) rows only: N x NFE rows, the
+    shared first step aside, and the masks equal those of the 2B path up to float rounding."""
+    net = ToyNet().eval()
+    scans = scans_for(2, seed=5)
+    fast = Sampler(net, BRIDGE, nfe=5, guidance=guidance, max_batch=64).sample(scans, 16, return_soft=True)
+    distinct = 2 * 4 if guidance == 1.0 else 2  # (scan, expert) pairs; or one null-label row per scan
+    assert fast.stats["network_rows"] == distinct + 4 * 32 and fast.stats["rows_per_step"] == 1
+    full = Sampler(net, BRIDGE, nfe=5, guidance=guidance, max_batch=64,
+                   guidance_fast_path=False).sample(scans, 16, return_soft=True)
+    assert full.stats["network_rows"] == 2 * 5 + 4 * 64 and full.stats["rows_per_step"] == 2
+    torch.testing.assert_close(fast.soft, full.soft, atol=1e-5, rtol=0)
+    assert torch.equal(fast.masks, full.masks)
+
+
+def test_oracle_b_row_path_picks_the_right_half():
+    """With the oracle net, w = 1 on B rows gives each expert's disk and w = 0 the null label's."""
+    net = OracleNet()
+    scans = scans_for(1)
+    cond = Sampler(net, BRIDGE, nfe=5, guidance=1.0, max_batch=3).sample(scans, 5)
+    for i in range(5):
+        assert torch.equal(cond.masks[0, i], (net.disks[i % N_LABELS, 0] > 0).to(torch.uint8))
+    uncond = Sampler(net, BRIDGE, nfe=5, guidance=0.0, max_batch=3).sample(scans, 5)
+    assert all(torch.equal(uncond.masks[0, i], (net.disks[N_LABELS, 0] > 0).to(torch.uint8)) for i in range(5))
 
 
 def test_expert_labels_modes():
@@ -176,3 +204,71 @@ def test_bad_input_is_named():
         Sampler(net, BRIDGE, nfe=0)
     with pytest.raises(ValueError, match="max_batch"):
         Sampler(net, BRIDGE, nfe=3, max_batch=0)
+
+
+class DropoutNet(ToyNet):
+    """ToyNet with heavy dropout: any live dropout changes the masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, t, label):
+        return self.drop(super().forward(x, t, label))
+
+
+def test_dropout_is_never_live_and_the_mode_is_restored():
+    net = DropoutNet().train()
+    scans = scans_for(1, seed=3)
+    got = Sampler(net, BRIDGE, nfe=4).sample(scans, 6, return_soft=True)
+    assert net.training, "the caller's module is back in training mode after sampling"
+    want = Sampler(net.eval(), BRIDGE, nfe=4).sample(scans, 6, return_soft=True)
+    assert torch.equal(got.soft, want.soft)
+
+
+class FailingNet(nn.Module):
+    """Wraps a net and raises CUDA out-of-memory on the chosen calls, the way an allocator would."""
+
+    def __init__(self, net, fail_on, batch_over=0):
+        super().__init__()
+        self.net, self.fail_on, self.batch_over, self.calls = net, set(fail_on), batch_over, 0
+        self.null_label = net.null_label
+
+    def forward(self, x, t, label):
+        self.calls += 1
+        if self.calls in self.fail_on or (self.batch_over and x.shape[0] > self.batch_over):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self.net(x, t, label)
+
+
+@pytest.mark.parametrize("fail_on,batch_over", [((1,), 0), ((3,), 0), ((2, 7), 0), ((), 20)])
+def test_out_of_memory_halves_the_chunk_and_keeps_the_masks(fail_on, batch_over):
+    """Injected OOM at the first step, mid-chunk, twice, or for every chunk above 20 rows: the sampler
+    halves its chunk, retries, reports the size it used, and the masks are the same bit for bit."""
+    net = ToyNet().eval()
+    scans = scans_for(2, seed=4)
+    want = Sampler(net, BRIDGE, nfe=4, guidance=1.5, max_batch=16).sample(scans, 9, return_soft=True)
+    failing = FailingNet(net, fail_on, batch_over)
+    sampler = Sampler(failing, BRIDGE, nfe=4, guidance=1.5, max_batch=16)
+    got = sampler.sample(scans, 9, return_soft=True)
+    assert torch.equal(got.masks, want.masks)
+    assert torch.equal(got.soft, want.soft)
+    retries = got.stats["oom_retries"]
+    assert retries == (len(fail_on) if fail_on else 1)
+    assert got.stats["final_batch"] == 16 // 2**retries == sampler.max_batch
+
+
+def test_out_of_memory_at_one_mask_and_other_errors_propagate():
+    net = ToyNet().eval()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Sampler(FailingNet(net, (), batch_over=0.5), BRIDGE, nfe=3, max_batch=4).sample(scans_for(1), 2)
+
+    class Broken(ToyNet):
+        def forward(self, x, t, label):
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        Sampler(Broken(), BRIDGE, nfe=3).sample(scans_for(1), 2)
+    from ssb_fast.step_runner import is_out_of_memory
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory (during graph capture)"))
+    assert not is_out_of_memory(ValueError("out of range"))

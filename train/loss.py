@@ -63,11 +63,11 @@ def ssb_loss(net, bridge: Bridge, images: torch.Tensor, masks: torch.Tensor, sam
     """Loss of one batch. images (B, C, H, W) in [-1, 1]; masks (B, M_max, H, W) in {0, 1}."""
     device = images.device
     batch = images.shape[0]
-    annotator = sample.annotator.to(device)
-    t = sample.t.to(device)
+    annotator = sample.annotator.to(device, non_blocking=True)
     x0 = masks[torch.arange(batch, device=device), annotator].unsqueeze(1).float() * 2 - 1
     x1 = images[:, :1].float()
-    x_t, target = bridge.bridge_sample(t, x0, x1, sample.seeds.to(device))
+    x_t, target = bridge.bridge_sample(sample.t, x0, x1, sample.seeds)  # t range-checked on the CPU, as drawn
+    t = sample.t.to(device, non_blocking=True)
     out = net(torch.cat([x_t, images.float()], dim=1), bridge.time_input(t), sample.label.to(device)).float()
     mse = F.mse_loss(out, target)
     x0_hat = x_t - bridge.on("std_fwd", device)[t].view(-1, 1, 1, 1) * out

@@ -64,3 +64,9 @@ DeviceOption = Annotated[
     typer.Option("--device", metavar="DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.",
                  show_default=True),
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option("--threads", metavar="N", min=0,
+                 help="CPU threads for torch [default: half the usable cores, at least 1, which suits shared "
+                      "machines; 0 = torch's own choice]."),
+]

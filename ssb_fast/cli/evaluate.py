@@ -10,8 +10,8 @@ import torch
 import typer
 
 from ssb_fast.atomic import write_json_atomic
-from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
-from ssb_fast.devices import resolve_device
+from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, ThreadsOption, app, fail, print_json
+from ssb_fast.devices import resolve_device, set_threads
 from ssb_fast.metrics import CONVENTIONS, METRIC_NAMES
 from ssb_fast.metrics import evaluate as evaluate_masks
 from ssb_fast.samples_io import SampleSet, SamplesFormatError, read_samples_npz, resolve_samples_path
@@ -116,6 +116,7 @@ def evaluate(
         help="Scans per Gram-kernel call (memory grows with it).")] = 16,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar on stderr.")] = False,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Score sampled masks against the experts: GED, D_max, D_a, S_c, CI, HM-IoU, DDI per scan and mean.
@@ -128,6 +129,7 @@ def evaluate(
         dev = resolve_device(device)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
+    set_threads(threads)
     try:
         sample_set = read_samples_npz(path)
         report = evaluate_sample_set(sample_set, dev, batch_size, progress=not no_progress)

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
+from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, ThreadsOption, app, fail, print_json
 
 # Settings that may change when a run is resumed; anything else would silently break the run's recipe.
-RESUMABLE = {"steps", "log_every", "val_every", "save_every", "device", "compile", "amp"}
+RESUMABLE = {"steps", "log_every", "val_every", "save_every", "device", "compile", "amp", "deterministic"}
 
 
 def _d(name: str):
@@ -45,6 +45,10 @@ def train(
                                                       f"(default {_d('batch_size')}).")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, help=f"AdamW peak learning rate "
                                                 f"(default {_d('lr')}).")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(
+        "--lr-schedule", metavar="constant|cosine",
+        help=f"After warmup: constant, or a cosine decay to 5% of --lr at --steps (default {_d('lr_schedule')}).")]
+    = None,
     warmup_steps: Annotated[int | None, typer.Option(min=0, help=f"Linear warmup steps "
                                                         f"(default {_d('warmup_steps')}).")] = None,
     weight_decay: Annotated[float | None, typer.Option(min=0.0, help="AdamW weight decay (default 0).")] = None,
@@ -75,10 +79,15 @@ def train(
     dropout: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Override the preset's dropout.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every random choice (default 0).")] = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the U-Net "
                                                     "(default: on with CUDA, off on CPU).")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast (default: on with CUDA).")]
     = None,
+    deterministic: Annotated[bool | None, typer.Option(
+        "--deterministic", help="Deterministic CUDA kernels (torch.use_deterministic_algorithms, no cuDNN "
+                                "autotuning), so that a resumed CUDA run is bit-exact; slower. CPU runs are "
+                                "bit-exact without it.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
     json_out: JsonOption = False,
 ) -> None:
@@ -91,15 +100,17 @@ def train(
     """
     from ssb_fast.checkpoint import CheckpointError
     from ssb_fast.data import DataFormatError
+    from ssb_fast.devices import set_threads
     from ssb_fast.train.loop import TrainConfig, read_run_config
     from ssb_fast.train.loop import train as run_training
 
+    set_threads(threads)
     given = {k: v for k, v in dict(
         data=data, out=out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond,
-        lambda_dice=lambda_dice, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
+        lr_schedule=lr_schedule, lambda_dice=lambda_dice, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
         val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every, seed=seed,
-        compile=compile, amp=amp).items() if v is not None}
+        compile=compile, amp=amp, deterministic=deterministic).items() if v is not None}
     overrides = {k: v for k, v in (("base_channels", base_channels), ("dropout", dropout)) if v is not None}
     if device != "auto":
         given["device"] = device
