@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from ssb_fast.bench.environment import device_name, load_average, versions
 from ssb_fast.bench.peaks import measure_copy_bandwidth, peak_report
 from ssb_fast.kernels import HAS_TRITON, noise_seeds
 from ssb_fast.kernels.bridge_sample import bridge_sample_ref, bridge_sample_triton
@@ -39,7 +39,6 @@ from ssb_fast.kernels.pairwise_jsd import bytes_moved as pairwise_jsd_bytes
 from ssb_fast.kernels.pairwise_jsd import flops as pairwise_jsd_flops
 from ssb_fast.kernels.pairwise_jsd import pairwise_jsd_ref, pairwise_jsd_triton
 
-import ssb_fast
 from ssb_fast.bridge import Bridge
 from ssb_fast.devices import describe_device
 from ssb_fast.telemetry import GpuMonitor
@@ -322,38 +321,6 @@ def cuda_rep_ms(repeat: int) -> int:
 
 
 # ------------------------------------------------------------------------------ the report
-def _load_average() -> float | None:
-    """The host's 1-minute load average, where the OS has one: busy cores make CPU timings noisy."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    """torch's name of a CUDA device; the processor's for the CPU."""
-    if _on_cuda(device):
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def versions() -> dict:
-    triton_version = None
-    if HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__
-    return {"ssb_fast": ssb_fast.__version__, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "python": platform.python_version()}
-
-
 def _rate(numerator: float | None, seconds: float, scale: float) -> float | None:
     return None if numerator is None or seconds <= 0 else numerator / seconds / scale
 
@@ -433,7 +400,7 @@ def run_kernel_bench(sizes: KernelSizes | None = None, device: torch.device | st
     peak = peak_report(name)
     if copy_bytes is None:
         copy_bytes = 2**28 if _on_cuda(device) else 2**26
-    load = _load_average()
+    load = load_average()
     copy_gb_s = measure_copy_bandwidth(device, copy_bytes) / 1e9
     rows, notes = [], []
     with GpuMonitor(device, monitor_interval_s) as whole:

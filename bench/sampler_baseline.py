@@ -1,9 +1,10 @@
 """The sampling loop as plain eager PyTorch, for side-by-side timing against `ssb_fast.sampler.Sampler`.
 
 I2SB's ddpm_sampling with classifier-free guidance written the straightforward way: every step builds
-the 2B network input with torch.cat, evaluates all 2B rows (no shared first step), applies guidance,
-x0̂, clamp and the posterior as separate ops, and draws noise with torch.randn. This is the
-benchmarks' baseline; the library never uses it.
+the network input with torch.cat and runs two forward passes, conditional and unconditional, whatever
+the guidance (no shared first step, no half skipped), then applies guidance, x0̂, clamp and the
+posterior as separate ops and draws noise with torch.randn. On CUDA it runs under bf16 autocast, the
+way such loops are usually run. This is the benchmarks' baseline; the library never uses it.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def eager_cfg_sampling(net, bridge: Bridge, scans: torch.Tensor, n_samples: int,
         x = scan[:, :1].clone()
         batch = len(chunk)
         for prev, n in zip(steps[::-1][1:], steps[::-1][:-1]):
-            inp = torch.cat([torch.cat([x, scan], dim=1)] * 2)
-            t = bridge.time_input(torch.full((2 * batch,), n, device=scans.device))
-            out = net(inp, t, torch.cat([labels, torch.full_like(labels, null)]))
-            cond, uncond = out.chunk(2)
+            inp = torch.cat([x, scan], dim=1)
+            t = bridge.time_input(torch.full((batch,), n, device=scans.device))
+            with torch.autocast(scans.device.type, dtype=torch.bfloat16, enabled=scans.device.type == "cuda"):
+                cond = net(inp, t, labels).float()
+                uncond = net(inp, t, torch.full_like(labels, null)).float()
             guided = uncond + guidance * (cond - uncond)
             x0 = bridge.compute_pred_x0(n, x, guided, clamp=True)
             mu_x0, mu_xn, std = bridge.posterior_coefs(prev, n)

@@ -178,3 +178,45 @@ def test_two_process_gloo_ends_with_identical_weights(synthetic_dir, tmp_path):
     assert all(torch.equal(single[k], w0[k]) for k in w0), "rank 0 wrote the weights both ranks hold"
     start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["effective_batch"] == 4
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    from ssb_fast.train.loop import MIN_LR_RATIO, learning_rate
+
+    cos = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, steps=110)
+    assert learning_rate(cos, 0) == pytest.approx(1e-4) and learning_rate(cos, 9) == pytest.approx(1e-3)
+    assert learning_rate(cos, 10) == pytest.approx(1e-3)
+    assert learning_rate(cos, 60) == pytest.approx(1e-3 * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) / 2))
+    assert learning_rate(cos, 110) == pytest.approx(1e-3 * MIN_LR_RATIO)
+    const = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=10, steps=110, lr_schedule="constant")
+    assert learning_rate(const, 100) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(data="d", out="o", lr_schedule="step").check()
+
+
+def test_validation_protocol_logs_references_and_keeps_the_best_checkpoint(synthetic_dir, tmp_path):
+    """Validation on scans spread over the split: mean and standard error, the ratio to the no-diversity
+    reference with its interval, the references once per run, and best.safetensors at the lowest GED."""
+    from ssb_fast.train.validate import validation_cases
+
+    from ssb_fast.checkpoint import MODEL_FORMAT, read_checkpoint
+
+    cfg = tiny_config(synthetic_dir, tmp_path / "run", steps=6, val_every=2, val_scans=4, val_samples=3,
+                      nfe_val=2)
+    train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    refs = [x for x in lines if x.get("event") == "references"]
+    assert len(refs) == 1 and refs[0]["n_scans"] == 4 and refs[0]["no_diversity_ged"] >= 0
+    assert {"readers_ged", "readers_ged_se", "readers_empty_rate"} <= set(refs[0])
+    vals = [x["val"] for x in lines if "val" in x]
+    assert len(vals) == 3
+    for v in vals:
+        assert {"ged", "ged_se", "d_max", "empty_rate", "ged_ratio_to_no_diversity", "ged_ratio_low",
+                "ged_ratio_high"} <= set(v)
+        assert v["ged_ratio_low"] <= v["ged_ratio_to_no_diversity"] <= v["ged_ratio_high"]
+    _, meta = read_checkpoint(tmp_path / "run" / "best.safetensors", MODEL_FORMAT)
+    best = meta["config"]
+    assert best["val"]["ged"] == min(v["ged"] for v in vals)
+    from ssb_fast.data import load
+
+    assert validation_cases(load(synthetic_dir, "val"), 4) != [0, 1, 2, 3]  # spread, not the first four

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from ssb_fast.train.batches import ShuffledStream, hash_seed
 from ssb_fast.train.distributed import DistContext, barrier, init_distributed, mean_across_ranks, shutdown
 from ssb_fast.train.ema import EMA
 from ssb_fast.train.loss import draw, ssb_loss
-from ssb_fast.train.validate import validate
+from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel
 
 from ssb_fast import __version__
@@ -41,6 +42,20 @@ from ssb_fast.progress import progress_bar
 
 CONFIG_FILE, MODEL_FILE, STATE_FILE, LOG_FILE = "config.json", "model.safetensors", "train_state.safetensors", \
     "log.jsonl"
+BEST_FILE = "best.safetensors"  # the EMA weights of the validation with the lowest GED
+LR_SCHEDULES = ("constant", "cosine")
+MIN_LR_RATIO = 0.05  # cosine decays to this fraction of the peak
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr, then constant or a cosine decay to MIN_LR_RATIO * lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -53,6 +68,7 @@ class TrainConfig:
     steps: int = 20000
     batch_size: int = 16
     lr: float = 1e-4
+    lr_schedule: str = "cosine"
     warmup_steps: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -63,14 +79,15 @@ class TrainConfig:
     beta_max: float = 0.3
     nfe_val: int = 10
     val_every: int = 1000
-    val_scans: int = 8
-    val_samples: int = 8
+    val_scans: int = 64
+    val_samples: int = 16
     log_every: int = 25
     save_every: int = 1000
     seed: int = 0
     device: str = "auto"
     compile: bool | None = None
     amp: bool | None = None
+    deterministic: bool = False
     model_overrides: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -85,6 +102,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number; got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
         if not 0 <= self.p_uncond <= 1:
             raise ValueError(f"p_uncond must be in [0, 1]; got {self.p_uncond}")
         if not 0 <= self.ema_decay < 1:
@@ -147,12 +166,54 @@ def read_run_config(run_dir: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def _collate(dataset, indices: list[int], device: torch.device):
-    items = [dataset[i] for i in indices]
-    images = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(device, non_blocking=True)
-    masks = torch.stack([torch.as_tensor(it["masks"]) for it in items]).to(device, non_blocking=True)
-    present = torch.stack([torch.as_tensor(it["present"]) for it in items])
-    return images, masks, present
+class BatchSource:
+    """Training batches gathered by index from the split's tensors. On CUDA the images and masks move to
+    the device once when they take at most `device_fraction` of its memory, so a step copies only the
+    indices; `present` stays on the CPU, where the annotator draw reads it."""
+
+    def __init__(self, dataset, device: torch.device, device_fraction: float = 0.25):
+        self.device = device
+        images, masks = dataset.images, dataset.masks
+        self.on_device = False
+        if device.type == "cuda":
+            need = images.numel() * images.element_size() + masks.numel() * masks.element_size()
+            if need <= device_fraction * torch.cuda.get_device_properties(device).total_memory:
+                images, masks = images.to(device), masks.to(device)
+                self.on_device = True
+        self.images, self.masks, self.present = images, masks, dataset.present
+
+    def batch(self, indices: list[int]):
+        idx = torch.tensor(indices, dtype=torch.int64)
+        present = self.present[idx]
+        if self.on_device:
+            idx = idx.to(self.device, non_blocking=True)
+            return self.images[idx], self.masks[idx], present
+        return (self.images[idx].to(self.device, non_blocking=True),
+                self.masks[idx].to(self.device, non_blocking=True), present)
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """Bit-exact CUDA training (and resume): deterministic kernels, no cuDNN autotuning. CPU runs are
+    bit-exact without it."""
+    if not on:
+        return
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def _best_ged(run_dir: Path) -> float:
+    """The validation GED of the run's best checkpoint so far (inf when there is none)."""
+    path = run_dir / BEST_FILE
+    if not path.exists():
+        return math.inf
+    _, meta = read_checkpoint(path, MODEL_FORMAT)
+    try:
+        return float(meta["config"]["val"]["ged"])
+    except (KeyError, TypeError, ValueError):
+        return math.inf
 
 
 def build_model_config(cfg: TrainConfig, dataset) -> UNetConfig:
@@ -190,9 +251,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
     bridge = Bridge(cfg.n_timesteps, cfg.beta_max)
     model_cfg = build_model_config(cfg, dataset)
     torch.manual_seed(hash_seed(cfg.seed, "init"))
+    set_deterministic(cfg.deterministic, device)
     model = UNet(model_cfg).to(device)
     ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW: one kernel for the whole update on CUDA, instead of a loop over parameter tensors
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if on_cuda else {}))
     run_config = {
         "model": model_cfg.to_dict(),
         "bridge": {"n_timesteps": cfg.n_timesteps, "beta_max": cfg.beta_max},
@@ -223,6 +287,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
     if use_compile:
         net = torch.compile(net)
     stream = ShuffledStream(len(dataset), cfg.seed)
+    batches = BatchSource(dataset, device)
     log_path = run_dir / LOG_FILE
     effective_batch = cfg.batch_size * ctx.world_size
 
@@ -233,7 +298,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
 
     log({"event": "resume" if resume else "start", "step": start_step, "steps": cfg.steps,
          "world_size": ctx.world_size, "batch_per_process": cfg.batch_size, "effective_batch": effective_batch,
-         "device": str(device), "amp_bf16": use_amp, "compile": use_compile,
+         "device": str(device), "amp_bf16": use_amp, "compile": use_compile, "deterministic": cfg.deterministic,
+         "data_on_device": batches.on_device, "cpu_threads": torch.get_num_threads(),
          "parameters": sum(p.numel() for p in model.parameters()), "time": time.time()})
 
     def save(step: int) -> None:
@@ -245,6 +311,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
 
     sums = torch.zeros(4, device=device)  # loss, mse, dice_loss, grad_norm since the last log line
     count, last_log, last_val, t_last = 0, {}, {}, time.perf_counter()
+    references, best_ged = {}, _best_ged(run_dir) if resume else math.inf
+    if val_set is not None and cfg.val_every and ctx.is_main:
+        references = validation_references(val_set, cfg.val_scans, cfg.val_samples, cfg.seed)
+        log({"event": "references", **{k: v for k, v in references.items() if not k.endswith("_per_scan")}})
     step = start_step
     stopped_early = False
     model.train()
@@ -254,10 +324,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
         while step < cfg.steps:
             torch.manual_seed(hash_seed(cfg.seed, "step", step, ctx.rank))  # dropout
             gen = torch.Generator().manual_seed(hash_seed(cfg.seed, "draw", step, ctx.rank))
-            images, masks, present = _collate(dataset, stream.batch_indices(step, cfg.batch_size, ctx.rank,
-                                                                            ctx.world_size), device)
+            images, masks, present = batches.batch(stream.batch_indices(step, cfg.batch_size, ctx.rank,
+                                                                        ctx.world_size))
             sample = draw(present, model.null_label, cfg.n_timesteps, cfg.p_uncond, gen)
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -284,9 +354,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
             if (val_set is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps)
                     and ctx.is_main):
                 scores = validate(ema.shadow, bridge, val_set, cfg.val_scans, cfg.val_samples, cfg.nfe_val,
-                                  seed=cfg.seed, device=device)
+                                  seed=cfg.seed, device=device, references=references)
                 last_val = {"step": step, **scores}
                 log({"step": step, "val": scores})
+                if scores and scores["ged"] < best_ged:
+                    best_ged = scores["ged"]
+                    save_model_checkpoint(run_dir / BEST_FILE, model.state_dict(), ema.state_dict(),
+                                          {**run_config, "step": step, "val": scores})
                 model.train()
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)

@@ -15,13 +15,14 @@ from typing import Annotated
 import typer
 
 from ssb_fast.atomic import write_bytes_atomic, write_json_atomic
-from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
-from ssb_fast.devices import resolve_device
+from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, ThreadsOption, app, fail, print_json
+from ssb_fast.devices import resolve_device, set_threads
 
 bench_app = typer.Typer(
     name="bench",
-    help="Measure the fused ops against torch.compile and eager PyTorch (and, as they land, NFE against "
-    "quality, sampler throughput and a whole GPU check); each writes a JSON and a markdown report.",
+    help="Measure quality against NFE, the sampler against eager and compiled baselines, the fused ops "
+    "against torch.compile and eager PyTorch, and the whole GPU story in one command; each writes a JSON and "
+    "a markdown report under bench/results/<date>-<device>/.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -82,6 +83,7 @@ def kernels(
     experts: Annotated[int, typer.Option(
         "--experts", min=1, show_default=True, help="Expert masks per scan (pair_counts, pairwise_jsd).")] = 4,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     out: OutDirOption = None,
     repeat: Annotated[int, typer.Option(
         "--repeat", min=1, show_default=True,
@@ -108,6 +110,7 @@ def kernels(
 
     try:
         dev = resolve_device(device)
+        set_threads(threads)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     op_list = _split(ops, OPS, "--op")
@@ -133,3 +136,214 @@ def kernels(
     typer.echo(markdown, nl=False)
     typer.echo(f"\nwrote {json_path} and {md_path}")
 
+
+
+def _numbers(text: str, kind, option: str, low: float) -> list:
+    """A comma-separated list of numbers (exit 2 naming the option on a bad one)."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option} takes comma-separated numbers; got {text!r}", ExitCode.BAD_ARGUMENTS)
+    if not values or any(v < low for v in values):
+        fail(f"{option} needs numbers >= {low:g}; got {text!r}", ExitCode.BAD_ARGUMENTS)
+    return values
+
+
+def load_bench_model(model: Path | None, preset: str, size: int | None, device):
+    """(net, bridge) from a run folder or checkpoint, else a `preset` U-Net with random weights."""
+    from ssb_fast.bench.throughput import random_model
+    from ssb_fast.bridge import Bridge
+    from ssb_fast.checkpoint import CheckpointError, load_model
+
+    if model is not None:
+        path = model / "model.safetensors" if model.is_dir() else model
+        try:
+            net = load_model(path, device=device)
+            bridge = Bridge(**net.run_config["bridge"])
+        except CheckpointError as err:
+            fail(str(err), ExitCode.BAD_CHECKPOINT)
+        except (KeyError, TypeError, ValueError) as err:
+            fail(f"{path}: the checkpoint's bridge settings cannot build a Bridge ({err})", ExitCode.BAD_CHECKPOINT)
+        return net, bridge
+    try:
+        return random_model(preset, size or 128), Bridge()
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+
+
+@bench_app.command("throughput", epilog=(
+    "Examples:\n\n"
+    "  ssb-fast bench throughput --preset tiny --size 64 -n 16,64 --nfe 20\n\n"
+    "  ssb-fast bench throughput --model runs/lidc -n 256 --nfe 50 --guidance 1.5,1"))
+def throughput(
+    model: Annotated[Path | None, typer.Option(
+        "--model", metavar="RUN", help="A run folder or model.safetensors; without it, --preset with random "
+                                       "weights (speed does not depend on them).")] = None,
+    preset: Annotated[str, typer.Option("--preset", show_default=True, help="U-Net preset without --model.")]
+    = "tiny",
+    size: Annotated[int | None, typer.Option("--size", min=8, help="Image size without --model [default: 128].")]
+    = None,
+    n_samples: Annotated[str, typer.Option("-n", "--n-samples", show_default=True,
+                                           help="Masks per scan, comma-separated: one case each.")] = "16,64,256",
+    nfe: Annotated[int, typer.Option("--nfe", min=1, show_default=True, help="Steps per mask.")] = 50,
+    guidance: Annotated[str, typer.Option(
+        "--guidance", show_default=True,
+        help="Guidance weights, comma-separated: 1.5 evaluates 2B rows per step; 1 (or 0) B rows, and adds "
+             "ours-2B, the same run forced onto 2B rows.")] = "1.5,1",
+    scans: Annotated[int, typer.Option("--scans", min=1, show_default=True, help="Scans per case.")] = 1,
+    max_batch: Annotated[int | None, typer.Option(
+        "--max-batch", min=1, help="Masks per chunk [default: every mask of a case, at most 256 on CUDA, 64 on "
+                                   "CPU].")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, show_default=True,
+                                        help="Interleaved timed rounds (median reported).")] = 3,
+    samplers: Annotated[list[str] | None, typer.Option(
+        "--sampler", help="Samplers to time (repeat or comma-separate): ours, ours-2B, eager, eager-compiled "
+                          "[default: all].")] = None,
+    compile_ours: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile our sampler's U-Net [default: on with CUDA].")] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    out: OutDirOption = None,
+    no_progress: NoProgressOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Masks/s of our sampler against an eager I2SB-style loop and the same loop with a compiled U-Net.
+
+    Same weights, same scans, one process, timed interleaved; warm-up (compile, autotune, capture) is
+    reported apart and never enters masks/s. On CUDA each figure is also a fraction of the U-Net's FLOP
+    floor at the device's bf16 peak. Writes throughput.json and throughput.md.
+    """
+    from ssb_fast.bench.throughput import SAMPLERS, ThroughputCase, render_markdown, run_throughput
+
+    try:
+        dev = resolve_device(device)
+        set_threads(threads)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    ns = _numbers(n_samples, int, "-n", 1)
+    ws = _numbers(guidance, float, "--guidance", 0)
+    which = _split(samplers, SAMPLERS, "--sampler")
+    net, bridge = load_bench_model(model, preset, size, dev)
+    cases = [ThroughputCase(n_samples=n, nfe=nfe, guidance=w, scans=scans, max_batch=max_batch) for w in ws
+             for n in ns]
+    log = None if no_progress else (lambda message: typer.echo(message, err=True))
+    try:
+        report = run_throughput(net, cases, dev, which, rounds, compile_ours, bridge=bridge, log=log)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    out_dir = out if out is not None else default_out_dir(report["device_name"], report["date"])
+    paths = write_report(out_dir, "throughput", report, render_markdown(report))
+    if json_out:
+        print_json(report)
+        return
+    typer.echo(render_markdown(report))
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
+@bench_app.command("nfe", epilog=(
+    "Example:\n\n"
+    "  ssb-fast bench nfe --model runs/lidc --data data/lidc64 --split test --nfe 1,2,5,10,20,50 -n 16 --cases 96"))
+def nfe(
+    model: Annotated[Path, typer.Option("--model", metavar="RUN", help="A run folder or model.safetensors.")],
+    data: Annotated[Path, typer.Option("--data", metavar="DATASET", help="A dataset folder with reader masks.")],
+    split: Annotated[str, typer.Option("--split", show_default=True, help="The split to score.")] = "test",
+    nfes: Annotated[str, typer.Option("--nfe", show_default=True, help="NFE values, comma-separated.")]
+    = "1,2,5,10,20,50,100,200",
+    n_samples: Annotated[int, typer.Option("-n", "--n-samples", min=1, show_default=True,
+                                           help="Masks per case (the N of GED_N).")] = 16,
+    cases: Annotated[int | None, typer.Option(
+        "--cases", min=1, help="K cases spread evenly over the split (never its first K) [default: all].")] = None,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, show_default=True,
+                                            help="Classifier-free guidance w.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", min=0, show_default=True, help="Seed of the keyed noise.")] = 0,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Masks per chunk.")] = None,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    out: OutDirOption = None,
+    no_progress: NoProgressOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Quality against NFE: every metric (mean ± s.e. over cases) at each NFE, with masks/s.
+
+    Beside the model, on the same cases: no diversity (N copies of the readers' majority), the model's
+    own consensus (N copies of its majority at the largest NFE) and the readers (N draws from them). The
+    model's GED is given as a ratio to no diversity with a bootstrap interval. Writes nfe.json, nfe.md
+    and nfe.png (with the `plot` extra: pip install 'ssb-fast[plot]').
+    """
+    from ssb_fast.bench.nfe import plot, render_markdown, run_nfe_sweep
+    from ssb_fast.data import DataFormatError, load
+
+    try:
+        dev = resolve_device(device)
+        set_threads(threads)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    steps = _numbers(nfes, int, "--nfe", 1)
+    net, bridge = load_bench_model(model, "", None, dev)
+    try:
+        dataset = load(data, split)
+    except DataFormatError as err:
+        fail(str(err), ExitCode.BAD_DATA)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    if dataset.n_raters == 0 or len(dataset) == 0:
+        fail(f"{data}: split {split!r} has no cases with reader masks to score against", ExitCode.BAD_DATA)
+    log = None if no_progress else (lambda message: typer.echo(message, err=True))
+    try:
+        report = run_nfe_sweep(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch, log)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    report["model"]["path"] = str(model)
+    out_dir = out if out is not None else default_out_dir(report["device_name"], report["date"])
+    paths = write_report(out_dir, "nfe", report, render_markdown(report))
+    png = out_dir / "nfe.png"
+    plotted = plot(report, png)
+    if json_out:
+        print_json(report)
+        return
+    typer.echo(render_markdown(report))
+    typer.echo(f"wrote {paths[0]}, {paths[1]}" + (f" and {png}" if plotted else
+                                                   " (no nfe.png: pip install 'ssb-fast[plot]' for matplotlib)"))
+
+
+@bench_app.command("gpu-check")
+def gpu_check(
+    model: Annotated[Path | None, typer.Option(
+        "--model", metavar="RUN", help="Also time this trained model (the presets run with random weights).")]
+    = None,
+    budget: Annotated[float, typer.Option("--budget", min=60, show_default=True,
+                                          help="Seconds the whole check may take; steps that would not fit are "
+                                               "skipped and listed.")] = 480,
+    out: OutDirOption = None,
+    no_progress: NoProgressOption = False,
+) -> None:
+    """Everything a short GPU lease should measure, in one command, into one folder to commit.
+
+    In order: the `gpu`-marked tests (pytest -m gpu), `bench kernels`, `bench throughput` at N = 256 for
+    the tiny and ssb++ presets at 128², the sync-debug check of the sampling loop, and the fraction of
+    mask pixels that flip in bf16 between --max-batch 5 and 256. Writes gpu-check.json/.md beside each
+    bench's report under bench/results/<date>-<device>/. Exits 1 when a GPU test fails; on a machine
+    without CUDA it says so and exits 0.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        typer.echo(f"no GPU: this torch build ({torch.__version__}) sees no CUDA device, so there is nothing to "
+                   "check here; run it on a GPU machine (the CPU path is covered by the default tests)")
+        raise typer.Exit(0)
+    from ssb_fast.bench.environment import device_name
+    from ssb_fast.bench.gpu_check import run_gpu_check
+
+    dev = torch.device("cuda")
+    net = load_bench_model(model, "", None, dev)[0] if model is not None else None
+    out_dir = out if out is not None else default_out_dir(device_name(dev))
+    log = None if no_progress else (lambda message: typer.echo(message, err=True))
+    report, code = run_gpu_check(out_dir, budget, net, log)
+    typer.echo(f"gpu-check on {report['device_name']}: {report['seconds']:.0f} s; wrote {out_dir}")
+    tests = report["steps"].get("gpu_tests")
+    if tests:
+        typer.echo(f"gpu tests: {tests.get('tests')} run, {tests.get('failures')} failed, {tests.get('errors')} "
+                   f"errors, {tests.get('skipped')} skipped")
+    for skipped in report["skipped"]:
+        typer.echo(f"skipped {skipped}")
+    raise typer.Exit(code)

@@ -1,0 +1,201 @@
+"""NFE against quality: how right and how diverse the masks are at each number of steps, and how fast.
+
+For each NFE the same cases are sampled with the same keyed noise and scored against their readers
+with every metric (mean ± standard error over cases), beside three references on the same cases: no
+diversity (N copies of the readers' majority), the model's own consensus (N copies of the majority of
+its samples at the largest NFE) and the readers (N masks drawn from them, the floor). The model's GED
+is also given as a ratio to the no-diversity reference, with a bootstrap interval over cases. Cases
+are spread evenly over the split, never its first K.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from ssb_fast.bench.environment import device_name, load_average, versions
+
+from ssb_fast.atomic import write_atomic
+from ssb_fast.bridge import Bridge
+from ssb_fast.devices import describe_device
+from ssb_fast.metrics import CONVENTIONS, METRIC_NAMES, evaluate
+from ssb_fast.references import (
+    bootstrap_ratio,
+    consensus,
+    empty_rate,
+    mean_se,
+    no_diversity,
+    reader_draws,
+    reader_empty_rate,
+    spread_cases,
+)
+from ssb_fast.sampler import Sampler
+
+EVAL_BATCH = 32  # scans per metrics call
+REFERENCES = ("no_diversity", "consensus", "readers")
+
+
+def _scores(samples: torch.Tensor, experts: torch.Tensor, present: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-case values of every metric, evaluated in batches of scans."""
+    parts: dict[str, list] = {k: [] for k in METRIC_NAMES}
+    for lo in range(0, samples.shape[0], EVAL_BATCH):
+        hi = lo + EVAL_BATCH
+        out = evaluate(samples[lo:hi], experts[lo:hi], present=present[lo:hi])
+        for k in METRIC_NAMES:
+            parts[k].append(torch.as_tensor(out[k], dtype=torch.float64).numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _summary(per_case: dict[str, np.ndarray], subsets: dict[str, np.ndarray]) -> dict:
+    out = {}
+    for key, values in per_case.items():
+        mean, se = mean_se(values)
+        out[key] = {"mean": mean, "se": se}
+    out["subsets"] = {name: {"n": int(sel.sum()), "ged": mean_se(per_case["ged"][sel])[0],
+                             "ged_se": mean_se(per_case["ged"][sel])[1]}
+                      for name, sel in subsets.items()}
+    return out
+
+
+def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int = 16, cases: int | None = None,
+                  guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+                  max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Sample the chosen cases at every NFE and score them with the references; returns the report."""
+    device = torch.device(device)
+    picks = spread_cases(len(dataset), cases)
+    idx = torch.tensor(picks, dtype=torch.int64)
+    scans = dataset.images[idx].float()
+    experts, present = dataset.masks[idx], dataset.present[idx]
+    case_ids = [dataset.case_ids[i] for i in picks]
+    marked = (experts.flatten(2).sum(-1) > 0) & present
+    n_marked, n_present = marked.sum(1), present.sum(1)
+    subsets = {"all_readers_marked": ((n_marked == n_present) & (n_marked > 0)).numpy(),
+               "some_readers_marked": ((n_marked < n_present) & (n_marked > 0)).numpy(),
+               "two_or_more_marked": (n_marked >= 2).numpy()}
+
+    rows, per_nfe = [], {}
+    for nfe in sorted(nfes):
+        if log:
+            log(f"NFE {nfe}: {len(picks)} cases x {n_samples} masks")
+        sampler = Sampler(net, bridge, nfe=nfe, guidance=guidance, seed=seed, device=device, max_batch=max_batch)
+        result = sampler.sample(scans, n_samples, case_ids=case_ids)
+        per_case = _scores(result.masks, experts, present)
+        per_nfe[nfe] = (result.masks, per_case)
+        mps = result.stats["masks_per_s"]
+        rows.append({"nfe": nfe, **_summary(per_case, subsets), "empty_rate": empty_rate(result.masks),
+                     "masks_per_s": mps, "ms_per_nfe_per_mask": 1000.0 / (mps * nfe) if mps and mps > 0 else None,
+                     "warmup_s": result.stats["warmup_seconds"]})
+
+    references = {}
+    ref_sets = {"no_diversity": no_diversity(experts, present, n_samples),
+                "consensus": consensus(per_nfe[max(nfes)][0], n_samples),
+                "readers": reader_draws(experts, present, n_samples, seed, case_ids)}
+    ref_scores = {}
+    for name, masks in ref_sets.items():
+        ref_scores[name] = _scores(masks, experts, present)
+        references[name] = {**_summary(ref_scores[name], subsets), "empty_rate": empty_rate(masks)}
+    references["readers"]["empty_rate"] = reader_empty_rate(experts, present)
+    for row in rows:
+        ged = per_nfe[row["nfe"]][1]["ged"]
+        ratio, low, high = bootstrap_ratio(ged, ref_scores["no_diversity"]["ged"], seed=seed)
+        row["ged_ratio_to_no_diversity"] = {"ratio": ratio, "low": low, "high": high}
+        sel = subsets["all_readers_marked"]
+        if sel.any():
+            r, lo, hi = bootstrap_ratio(ged[sel], ref_scores["no_diversity"]["ged"][sel], seed=seed)
+            row["ged_ratio_all_readers_marked"] = {"ratio": r, "low": lo, "high": hi}
+    return {
+        "kind": "nfe", "date": _dt.date.today().isoformat(), "device": describe_device(device),
+        "device_name": device_name(device), "versions": versions(), "load_average": load_average(),
+        "model": {"preset": net.config.preset, "image_size": net.config.image_size},
+        "data": {"source": str(dataset.source), "split_cases": len(dataset), "cases": len(picks),
+                 "case_indices": picks, "spread": "evenly over the split" if cases else "the whole split",
+                 "subset_sizes": {k: int(v.sum()) for k, v in subsets.items()}},
+        "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": sorted(nfes),
+        "conventions": CONVENTIONS, "rows": rows, "references": references,
+    }
+
+
+def _pm(entry: dict, spec: str = ".3f") -> str:
+    return f"{entry['mean']:{spec}} ± {entry['se']:{spec}}"
+
+
+def render_markdown(report: dict) -> str:
+    """Quality against NFE as a markdown table, references below, with N, the cases and the seed."""
+    d = report["data"]
+    lines = [f"# NFE against quality, {report['date']}, {report['device']}", "",
+             f"`{report['model']['preset']}` at {report['model']['image_size']}², N = {report['n_samples']} masks per "
+             f"case, guidance {report['guidance']:g}, seed {report['seed']}; {d['cases']} cases of {d['split_cases']} "
+             f"({d['spread']}) from {d['source']}; mean ± standard error over cases.", "",
+             "| NFE | GED | GED / no diversity (95% CI) | D_max | D_a | S_c | CI | HM-IoU | DDI_e | DDI_g | empty | "
+             "masks/s | ms/NFE/mask |",
+             "| ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for r in report["rows"]:
+        ratio = r["ged_ratio_to_no_diversity"]
+        lines.append(
+            f"| {r['nfe']} | {_pm(r['ged'])} | {ratio['ratio']:.2f} ({ratio['low']:.2f}–{ratio['high']:.2f}) | "
+            + " | ".join(_pm(r[k]) for k in ("d_max", "d_a", "s_c", "ci", "hm_iou", "ddi_e", "ddi_g"))
+            + f" | {r['empty_rate']:.1%} | {r['masks_per_s']:.2f} | {r['ms_per_nfe_per_mask']:.2f} |")
+    lines += ["", "| reference | GED | D_max | CI | HM-IoU | empty |", "| --- | --- | --- | --- | --- | ---: |"]
+    names = {"no_diversity": "no diversity (N × readers' majority)",
+             "consensus": f"consensus (N × majority of the samples at NFE {max(report['nfes'])})",
+             "readers": "readers (N draws from the readers)"}
+    for key, ref in report["references"].items():
+        lines.append(f"| {names[key]} | {_pm(ref['ged'])} | {_pm(ref['d_max'])} | {_pm(ref['ci'])} | "
+                     f"{_pm(ref['hm_iou'])} | {ref['empty_rate']:.1%} |")
+    lines += ["", "GED by subset (cases): " + "; ".join(
+        f"{name} ({size})" for name, size in d["subset_sizes"].items())]
+    lines += ["", "| NFE | " + " | ".join(d["subset_sizes"]) + " |", "| ---: |" + " --- |" * len(d["subset_sizes"])]
+    for r in report["rows"]:
+        lines.append(f"| {r['nfe']} | " + " | ".join(
+            f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in r["subsets"].values()) + " |")
+    for key, ref in report["references"].items():
+        lines.append(f"| {key} | " + " | ".join(
+            f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in ref["subsets"].values()) + " |")
+    lines += ["", "Empty masks: IoU(∅,∅) = Dice(∅,∅) = 1; GED squared over all ordered pairs including i = j; "
+              "missing readers left out.", f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path) -> bool:
+    """nfe.png: GED and D_max against NFE (log axis) with the references as lines, masks/s on a second
+    axis. Returns False when matplotlib is not installed (the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["rows"]
+    nfes = [r["nfe"] for r in rows]
+    fig, (ax_ged, ax_dmax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    styles = {"no_diversity": ("tab:red", "--"), "consensus": ("tab:purple", ":"), "readers": ("tab:green", "-.")}
+    for ax, key, label in ((ax_ged, "ged", "GED (lower is better)"), (ax_dmax, "d_max", "D_max (higher is better)")):
+        mean = np.array([r[key]["mean"] for r in rows])
+        se = np.array([r[key]["se"] for r in rows])
+        ax.errorbar(nfes, mean, yerr=se, marker="o", color="tab:blue", capsize=3, label="model (± s.e.)")
+        for ref, (colour, style) in styles.items():
+            ax.axhline(report["references"][ref][key]["mean"], color=colour, linestyle=style,
+                       label=ref.replace("_", " "))
+        ax.set_xscale("log")
+        ax.set_xticks(nfes)
+        ax.set_xticklabels([str(n) for n in nfes])
+        ax.set_xlabel("NFE (network evaluations per mask)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    speed = ax_ged.twinx()
+    speed.plot(nfes, [r["masks_per_s"] for r in rows], color="tab:gray", marker="s", alpha=0.6, label="masks/s")
+    speed.set_ylabel("masks/s (steady)", color="tab:gray")
+    speed.set_yscale("log")
+    handles, labels = ax_ged.get_legend_handles_labels()
+    h2, l2 = speed.get_legend_handles_labels()
+    ax_ged.legend(handles + h2, labels + l2, fontsize=8, loc="best", framealpha=0.8)
+    d = report["data"]
+    fig.suptitle(f"{report['model']['preset']}, N = {report['n_samples']}, {d['cases']} cases ({d['spread']}), "
+                 f"guidance {report['guidance']:g}, {report['device']}", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png"))
+    plt.close(fig)
+    return True

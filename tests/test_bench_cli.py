@@ -1,0 +1,77 @@
+"""`ssb-fast bench nfe | throughput | gpu-check` at tiny sizes: the files, their fields, the exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ssb_fast.train.loop import TrainConfig, train
+from typer.testing import CliRunner
+
+from ssb_fast.cli import app
+from ssb_fast.data import write_synthetic
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data = write_synthetic(root / "data", n_cases=40, size=32, seed=0)
+    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
+                      seed=0, device="cpu"), progress=False)
+    return root / "run", data
+
+
+def test_bench_nfe_writes_the_table_the_references_and_the_plot(run, tmp_path):
+    run_dir, data = run
+    out = tmp_path / "nfe"
+    result = runner.invoke(app, ["bench", "nfe", "--model", str(run_dir), "--data", str(data), "--split", "test",
+                                 "--nfe", "2,1", "-n", "3", "--cases", "4", "--device", "cpu", "--out", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "nfe.json").read_text())
+    assert [r["nfe"] for r in report["rows"]] == [1, 2] and report["n_samples"] == 3
+    picks = report["data"]["case_indices"]
+    assert len(picks) == 4 and picks[0] == 0 and picks[-1] == report["data"]["split_cases"] - 1  # spread
+    for row in report["rows"]:
+        assert {"ged", "d_max", "d_a", "s_c", "ci", "hm_iou", "ddi_e", "ddi_g"} <= set(row)
+        assert row["ged"]["se"] >= 0 and row["masks_per_s"] > 0
+        ratio = row["ged_ratio_to_no_diversity"]
+        assert ratio["low"] <= ratio["ratio"] <= ratio["high"]
+    assert set(report["references"]) == {"no_diversity", "consensus", "readers"}
+    assert all(ref["ged"]["mean"] >= 0 and 0 <= ref["empty_rate"] <= 1 for ref in report["references"].values())
+    assert (out / "nfe.md").read_text().startswith("# NFE against quality")
+    assert (out / "nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "N = 3" in result.output
+
+
+def test_bench_throughput_reports_every_sampler_and_the_ratios(tmp_path):
+    out = tmp_path / "tp"
+    result = runner.invoke(app, ["bench", "throughput", "--preset", "tiny", "--size", "16", "-n", "3", "--nfe", "2",
+                                 "--guidance", "1.5,1", "--rounds", "1", "--sampler", "ours,ours-2B,eager",
+                                 "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "throughput.json").read_text())
+    got = [(r["sampler"], r["guidance"], r["rows_per_step"]) for r in report["rows"]]
+    assert got == [("ours", 1.5, "2B"), ("eager", 1.5, "2B"), ("ours", 1.0, "B"), ("ours-2B", 1.0, "2B"),
+                   ("eager", 1.0, "2B")]
+    rows = {(r["sampler"], r["guidance"]): r for r in report["rows"]}
+    # network rows: ours at w = 1 evaluates B rows (+ the shared first step), the eager loop 2B every step
+    assert rows[("eager", 1.0)]["network_rows"] == 2 * 3 * 2
+    assert rows[("ours", 1.0)]["network_rows"] == 3 + 3  # 3 distinct (scan, expert) pairs, then 3 rows
+    assert rows[("eager", 1.0)]["vs_eager"] == pytest.approx(1.0)
+    assert all(r["masks_per_s"] > 0 and r["telemetry"]["gpu"] is None for r in report["rows"])
+    assert "| ours |" in (out / "throughput.md").read_text()
+
+
+def test_bench_bad_options_exit_2_and_gpu_check_without_a_gpu_exits_0(tmp_path):
+    bad = runner.invoke(app, ["bench", "throughput", "-n", "0,4", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "-n needs numbers >= 1" in bad.output
+    bad = runner.invoke(app, ["bench", "throughput", "--sampler", "fastest", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--sampler must be among" in bad.output
+    import torch
+
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["bench", "gpu-check"])
+        assert result.exit_code == 0 and "no GPU" in result.output
