@@ -352,3 +352,46 @@ def test_bad_arguments_exit_code_2(tmp_path):
         )
         assert result.exit_code == 2, (extra, result.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_resize_by_area_averaging_keeps_means_and_mask_areas():
+    from ssb_fast.data.importers import resize_area, resize_mask
+
+    image = np.arange(16, dtype=np.float64).reshape(1, 4, 4)
+    half = resize_area(image, 2)
+    np.testing.assert_allclose(half[0], [[2.5, 4.5], [10.5, 12.5]])  # each 2x2 block's mean
+    np.testing.assert_allclose(resize_area(np.ones((3, 3)), 2), np.ones((2, 2)))  # fractions included
+    mask = np.zeros((6, 6), dtype=np.uint8)
+    mask[0:3, 0:3] = 1  # a quarter of the area
+    small = resize_mask(mask, 2)
+    assert small.tolist() == [[1, 0], [0, 0]]
+    assert resize_mask(mask, 12).sum() == 36  # up-sizing keeps the area: each pixel becomes 2x2
+    thin = np.zeros((8, 8), dtype=np.uint8)
+    thin[1, :] = 1  # a quarter of each 4x4 block's rows: below half, so gone at 2x2
+    assert resize_mask(thin, 2).sum() == 0
+    thin[2, :] = 1  # half of the top blocks: kept
+    assert resize_mask(thin, 2).tolist() == [[1, 1], [0, 0]]
+
+
+def test_folder_import_with_size_resizes_scans_of_different_sizes(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "src"
+    for i, size in enumerate((16, 24, 32)):
+        image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        _png(root / "images" / f"case{i}.png", image)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[: size // 2, : size // 2] = 255
+        _png(root / "masks" / f"case{i}_r0.png", mask)
+    with pytest.raises(DataFormatError, match="differs from the first case"):
+        import_folder(root, tmp_path / "plain", split="test")
+    meta = import_folder(root, tmp_path / "out", split="test", size=8)
+    assert meta["resized"]["size"] == 8 and meta["resized"]["source_shapes"] == ["16x16", "24x24", "32x32"]
+    ds = load(tmp_path / "out", "test")
+    assert ds.image_size == (8, 8)
+    for i in range(3):
+        m = ds.masks[ds.case_ids.index(f"case{i}")][0].numpy()
+        assert m[:4, :4].all() and not m[4:].any() and not m[:, 4:].any()  # the top-left quarter, exactly
+    result = runner.invoke(app, ["data", "import-folder", str(root), "--out", str(tmp_path / "cli"),
+                                 "--split", "test", "--size", "12"])
+    assert result.exit_code == 0, result.output
+    assert load(tmp_path / "cli", "test").image_size == (12, 12)

@@ -280,12 +280,17 @@ def import_folder(
     seed: SeedOption = 0,
     threshold: ThresholdOption = None,
     image_range: ImageRangeOption = None,
+    size: Annotated[int | None, typer.Option(
+        "--size", min=8, max=1024,
+        help="Resize every case to SIZE x SIZE: images by area averaging, masks by area averaging then >= 0.5 "
+             "(a model samples scans of the size it was trained on) [default: keep the source size].")] = None,
     no_progress: NoProgressOption = False,
     json_out: JsonOption = False,
 ) -> None:
     """Import a folder of images (png, jpg, npy, nii.gz) with one mask file per reader.
 
     Layout: images/<case>.<ext> and masks/<case>_r<K>.<ext>; NIfTI needs nibabel (the `nifti` extra).
+    With --size, scans of any size are resized to one square size.
     """
     if split not in ("auto", "train", "val", "test"):
         fail(f"--split must be auto, train, val or test, got {split!r}", ExitCode.BAD_ARGUMENTS)
@@ -306,6 +311,7 @@ def import_folder(
                 image_range=_image_range(image_range),
                 layout=layout,
                 progress=advance,
+                size=size,
             )
     _report(meta, out, time.perf_counter() - started, json_out)
 

@@ -60,15 +60,40 @@ class RawCase:
     lossy_masks: bool = False
 
 
+def resize_area(array: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) or (H, W) float array -> size x size by area averaging (each output pixel is the mean of the
+    input area it covers, fractions included), the resampling that keeps a mask's area and an image's mean."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    squeeze = x.dim() == 2
+    x = x[None, None] if squeeze else x[None]
+    y = F.adaptive_avg_pool2d(x, (size, size))[0]
+    return (y[0] if squeeze else y).numpy()
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A binary mask resized by area averaging, then marked where at least half of a pixel was marked."""
+    return (resize_area(mask.astype(np.float64), size) >= 0.5).astype(np.uint8)
+
+
 def assemble(
     cases: list[RawCase],
     threshold: float | None = None,
     image_range: tuple[float, float] | None = None,
     progress: Callable[[int], None] | None = None,
+    size: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Check and convert raw cases into project arrays; returns the arrays and the scaling used."""
+    """Check and convert raw cases into project arrays; returns the arrays and the scaling used.
+
+    `size` resizes every case to size x size (images by area averaging, masks by area averaging and
+    >= 0.5), so scans of different sizes can be imported together; without it all must share one shape.
+    """
     if not cases:
         raise DataFormatError(None, "no cases found")
+    if size is not None and size < 8:
+        raise ValueError(f"size must be >= 8 pixels; got {size}")
     dtypes, low, high = set(), np.inf, -np.inf
     shape = None
     for case in cases:
@@ -78,7 +103,13 @@ def assemble(
             low, high = min(low, float(case.image.min())), max(high, float(case.image.max()))
         if shape is None:
             shape = case.image.shape
-        elif case.image.shape != shape:
+        elif size is not None and case.image.shape[0] != shape[0]:
+            raise DataFormatError(
+                case.image_path,
+                f"the image has {case.image.shape[0]} channel(s); the first case's has {shape[0]}",
+                case.case_id,
+            )
+        elif size is None and case.image.shape != shape:
             raise DataFormatError(
                 case.image_path,
                 f"image shape {case.image.shape} (C, H, W) differs from the first case's {shape}",
@@ -89,12 +120,15 @@ def assemble(
     scaling = choose_scaling(dtypes, low, high, image_range)
     slots = sorted({k for c in cases for k in c.masks})
     slot_of = {k: i for i, k in enumerate(slots)}
-    n, (channels, height, width) = len(cases), shape
-    images = np.empty((n, channels, height, width), dtype=np.float32)
-    masks = np.zeros((n, len(slots), height, width), dtype=np.uint8)
+    n, channels = len(cases), shape[0]
+    out_h, out_w = (size, size) if size is not None else shape[1:]
+    images = np.empty((n, channels, out_h, out_w), dtype=np.float32)
+    masks = np.zeros((n, len(slots), out_h, out_w), dtype=np.uint8)
     present = np.zeros((n, len(slots)), dtype=bool)
     for i, case in enumerate(cases):
-        images[i] = scaling.apply(case.image)
+        image = scaling.apply(case.image)
+        height, width = case.image.shape[1:]
+        images[i] = resize_area(image, size) if size is not None else image
         for k, (mask, path) in case.masks.items():
             if mask.shape != (height, width):
                 raise DataFormatError(
@@ -103,7 +137,8 @@ def assemble(
                     f"{'x'.join(map(str, mask.shape))}",
                     case.case_id,
                 )
-            masks[i, slot_of[k]] = binarise_mask(mask, path, case.case_id, threshold, lossy=case.lossy_masks)
+            binary = binarise_mask(mask, path, case.case_id, threshold, lossy=case.lossy_masks)
+            masks[i, slot_of[k]] = resize_mask(binary, size) if size is not None else binary
             present[i, slot_of[k]] = True
         if progress is not None:
             progress(1)
@@ -380,8 +415,9 @@ def import_folder(
     image_range: tuple[float, float] | None = None,
     layout: str = "auto",
     progress: Callable[[int], None] | None = None,
+    size: int | None = None,
 ) -> dict:
-    """Import a folder of images and per-reader masks.
+    """Import a folder of images and per-reader masks (resized to size x size when `size` is given).
 
     `split="auto"` keeps train/val/test (or training/testing) subfolders when there are any and otherwise
     splits the cases 70/15/15 with `seed`; `split="train"|"val"|"test"` puts every case in that split.
@@ -392,7 +428,10 @@ def import_folder(
         raise ValueError(f"layout must be auto, standard or cimd, got {layout!r}")
     found, used_layout = read_folder(src, layout)
     cases = [c for group in found.values() for c in group]
-    arrays, info = assemble(cases, threshold, image_range, progress)
+    arrays, info = assemble(cases, threshold, image_range, progress, size)
+    if size is not None:
+        info["resized"] = {"size": size, "images": "area averaging", "masks": "area averaging, then >= 0.5",
+                           "source_shapes": sorted({"x".join(map(str, c.image.shape[1:])) for c in cases})}
     if split in SPLITS:
         parts = {split: list(range(len(cases)))}
         rule = f"every case in {split}"
