@@ -22,11 +22,12 @@ def progress_enabled(requested: bool = True) -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None, enabled: bool = True, fields: str = ""):
-    """Yield `advance(n=1, **fields)`: a rich bar with M/N, rate, elapsed time and ETA, or a no-op.
+def progress_bar(description: str, total: int | None, enabled: bool = True, fields: str = "", unit: str = "it"):
+    """Yield `advance(n=1, **fields)`: a rich bar with M/N, rate (`unit`/s), elapsed time and ETA, or a no-op.
 
     `fields` is a rich format string over task fields shown after the bar, e.g.
-    "loss {task.fields[loss]}"; pass their values as keyword arguments to `advance`.
+    "loss {task.fields[loss]}"; pass their values as keyword arguments to `advance`. `advance(0,
+    completed=c, total=t)` sets the count and the total instead (a bar over work done elsewhere too).
     """
     if not progress_enabled(enabled):
         yield lambda n=1, **kw: None
@@ -44,6 +45,6 @@ def progress_bar(description: str, total: int | None, enabled: bool = True, fiel
         def advance(n: int = 1, **kw) -> None:
             bar.update(task, advance=n, **kw)
             speed = bar.tasks[0].speed
-            bar.update(task, rate=f"{speed:.2f} it/s" if speed else "")
+            bar.update(task, rate=f"{speed:.2f} {unit}/s" if speed else "")
 
         yield advance

@@ -1,6 +1,7 @@
 """Mask pictures for people: a scan as grey RGB, masks drawn over it, heat maps, rows of titled tiles.
 
-Shared by `ssb-fast data show` (the dataset montage) and `ssb-fast sample` (the per-case previews).
+Shared by `ssb-fast data show` (the dataset montage) and `ssb-fast sample` (the per-case preview and
+grid, whose heat maps carry a colour bar).
 """
 
 from __future__ import annotations
@@ -70,3 +71,21 @@ def new_canvas(width: int, height: int):
 
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     return canvas, ImageDraw.Draw(canvas), ImageFont.load_default()
+
+
+def draw_colour_bar(canvas, draw, font, x: int, y: int, height: int, ticks: Sequence[tuple[float, str]],
+                    width: int = 10) -> int:
+    """A vertical HEAT_STOPS scale at (x, y), value 1 at the top and 0 at the bottom, with tick labels to
+    its right; returns the x just past the labels."""
+    from PIL import Image
+
+    values = np.linspace(1.0, 0.0, max(height, 2))[:, None].repeat(width, axis=1)
+    canvas.paste(Image.fromarray(heat(values)), (x, y))
+    right = x + width
+    for value, text in ticks:
+        ty = y + round((1.0 - value) * (height - 1))
+        draw.line([x + width, ty, x + width + 3, ty], fill=TEXT)
+        label_y = min(max(ty - 5, y), y + height - 10)
+        draw.text((x + width + 5, label_y), text, fill=TEXT, font=font)
+        right = max(right, x + width + 5 + round(draw.textlength(text, font=font)))
+    return right

@@ -1,11 +1,14 @@
-"""Sample N masks for many scans into a folder a person can open, without losing finished work.
+"""Run `ssb-fast sample`: N masks for many scans, into a folder a person can open, without losing finished
+work, in one process or sharded over many.
 
-`sample_dataset` (the scans of a dataset split, with their experts' masks) and `sample_images` (image
-files, no experts) run the one `Sampler` over the scans in groups. After each group, every finished case
-is written to OUT/cases/<case>.npz atomically, with a preview PNG beside it; at the end OUT/samples.npz,
-the file `ssb-fast evaluate` reads, is assembled from those case files. OUT also holds args.json (the
-resolved arguments) and summary.json (speed per case and in total). A rerun with `resume=True` reuses
-the finished case files whose settings and scans match, and samples the rest.
+`sample_dataset` (the scans of a dataset split, with their experts' masks), `sample_images` (image files
+and NIfTI, no experts) and `sample_scans` load the model, check every scan and the output folder, and
+run the one `Sampler` over this process's part of the cases in groups. After each group every finished
+case is written (ssb_fast.sample_folder owns the folder's format); once every case of the run exists,
+samples.npz, the NIfTI maps, summary.json and run.json are assembled. A rerun with `resume=True` reuses
+the finished cases whose settings and scans match and samples the rest; with `shard` (a part of K, or a
+torchrun rank, see ssb_fast.sharding) a process samples only its part and assembles when it finds the
+run complete (under torchrun, rank 0 after all ranks are done).
 """
 
 from __future__ import annotations
@@ -15,77 +18,62 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
-import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ssb_fast.atomic import write_atomic, write_json_atomic
+from ssb_fast.atomic import write_json_atomic
 from ssb_fast.bridge import Bridge
 from ssb_fast.checkpoint import CheckpointError, load_model
-from ssb_fast.data.dataset import load
-from ssb_fast.data.dataset_format import DataFormatError
-from ssb_fast.data.image_io import (
-    IMAGE_SUFFIXES,
-    case_name,
-    check_image_finite,
-    choose_scaling,
-    file_suffix,
-    image_to_chw,
-    read_array,
-)
 from ssb_fast.devices import describe_device, resolve_device
+from ssb_fast.metrics import METRIC_NAMES
 from ssb_fast.progress import progress_bar
-from ssb_fast.render import (
-    CAPTION,
-    READER_COLOURS,
-    SAMPLE_COLOUR,
-    TEXT,
-    grey_rgb,
-    heat,
-    new_canvas,
-    overlay,
-    paste_tiles,
+from ssb_fast.run_record import command_line, device_record, versions
+from ssb_fast.sample_folder import (
+    ARGS_FILE,
+    CASES_DIR,
+    MASK_SETTINGS,
+    PARTS_DIR,
+    RUN_FILE,
+    SUMMARY_FILE,
+    case_file_stems,
+    case_paths,
+    check_folder,
+    check_out_folder,
+    folder_lock,
+    missing_cases,
+    read_finished_cases,
+    read_part_records,
+    refresh_case_outputs,
+    reusable,
+    scan_digest,
+    write_case_outputs,
+    write_nifti_maps,
+    write_part_record,
+    write_run_samples,
+)
+from ssb_fast.sample_inputs import (
+    SampleRunError,
+    ScanSet,
+    check_scans_fit,
+    model_input,
+    scans_from_dataset,
+    scans_from_images,
 )
 from ssb_fast.sampler import LABEL_MODES, Sampler
-from ssb_fast.samples_io import SAMPLES_FILE, write_samples_npz
+from ssb_fast.samples_io import SAMPLES_FILE
+from ssb_fast.sharding import RankGroup, Shard
+from ssb_fast.step_runner import PRECISIONS
 
-ARGS_FILE = "args.json"
-SUMMARY_FILE = "summary.json"
-CASES_DIR = "cases"
 MODEL_FILE = "model.safetensors"
-# The settings that decide the masks: a continued run must repeat them to reuse finished cases. The
-# device, --max-batch and compilation may change (keyed noise makes chunking irrelevant).
-MASK_SETTINGS = ("model_sha256", "bridge", "n_samples", "nfe", "guidance", "labels", "ot_ode", "seed", "soft")
-PREVIEW_SAMPLES = 6
-PREVIEW_TILE = 128
 
-
-class SampleRunError(ValueError):
-    """Settings or an output folder that cannot be used; the message says what to change."""
-
-
-@dataclass
-class ScanSet:
-    """Scans to sample: `images` (S, C, H, W) float32 in [-1, 1] with their case ids and source files, the
-    experts' masks (S, M, H, W) uint8 with `present` (S, M) (M = 0 for image files), and `input`, how the
-    scans were chosen (recorded in args.json)."""
-
-    images: torch.Tensor
-    case_ids: list[str]
-    sources: list[str]
-    experts: np.ndarray
-    present: np.ndarray
-    input: dict
-
-    def __len__(self) -> int:
-        return len(self.case_ids)
+__all__ = ["SampleOptions", "SampleRunError", "file_sha256", "resolve_model_path", "sample_dataset", "sample_images",
+           "sample_scans"]
 
 
 @dataclass
@@ -100,7 +88,8 @@ class SampleOptions:
     seed: int = 0
     max_batch: int | None = None
     device: str = "auto"
-    compile: bool | None = None
+    precision: str = "auto"
+    compile: bool | str | None = None
     cuda_graphs: bool = False
     soft: bool = False
     png: bool = True
@@ -120,6 +109,8 @@ class SampleOptions:
             raise SampleRunError(f"guidance must be a finite number >= 0; got {self.guidance!r}")
         if self.labels not in LABEL_MODES:
             raise SampleRunError(f"labels must be one of {', '.join(LABEL_MODES)}; got {self.labels!r}")
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise SampleRunError(f"precision must be auto or one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         try:
             device = resolve_device(str(self.device))
         except ValueError as err:
@@ -127,128 +118,6 @@ class SampleOptions:
         if self.cuda_graphs and device.type != "cuda":
             raise SampleRunError(f"cuda_graphs needs a CUDA device; the device is {device}")
         return device
-
-
-# ---- scans ----------------------------------------------------------------------------------------
-def scans_from_dataset(data: str | os.PathLike, split: str = "test", cases: int | None = None,
-                       case_ids: Sequence[str] | None = None) -> ScanSet:
-    """The scans of `split` of a dataset folder with their experts: all of them, the first `cases`, or the
-    ones named in `case_ids` (in that order)."""
-    if cases is not None and case_ids is not None:
-        raise SampleRunError("give either cases (the first N of the split) or case_ids, not both")
-    if cases is not None and (isinstance(cases, bool) or not isinstance(cases, int) or cases < 1):
-        raise SampleRunError(f"cases must be an int >= 1; got {cases!r}")
-    try:
-        ds = load(data, split)
-    except DataFormatError:
-        raise
-    except ValueError as err:  # an unknown split name
-        raise SampleRunError(str(err)) from None
-    if case_ids is not None:
-        case_ids = [str(c) for c in case_ids]
-        if not case_ids:
-            raise SampleRunError("case_ids is empty")
-        repeated = sorted({c for c in case_ids if case_ids.count(c) > 1})
-        if repeated:
-            raise SampleRunError(f"case id(s) given twice: {', '.join(repeated)}")
-        index = {c: i for i, c in enumerate(ds.case_ids)}
-        unknown = [c for c in case_ids if c not in index]
-        if unknown:
-            raise SampleRunError(f"{ds.source}: no case {', '.join(map(repr, unknown[:5]))} in split {split!r}; "
-                                 f"it holds {len(ds)} cases ({', '.join(ds.case_ids[:3])}, ...)")
-        picks = [index[c] for c in case_ids]
-    else:
-        picks = list(range(len(ds) if cases is None else min(cases, len(ds))))
-    if not picks:
-        raise DataFormatError(ds.source, f"split {split!r} holds no cases")
-    idx = torch.tensor(picks, dtype=torch.int64)
-    return ScanSet(
-        images=ds.images[idx].float(),
-        case_ids=[ds.case_ids[i] for i in picks],
-        sources=[str(ds.source)] * len(picks),
-        experts=ds.masks[idx].numpy(),
-        present=ds.present[idx].numpy(),
-        input={"kind": "dataset", "data": str(Path(data).resolve()), "split": split, "cases": cases,
-               "case_ids": case_ids},
-    )
-
-
-def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files named by `paths`: files as given, folders as every image file in them (sorted)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir()
-                           if f.is_file() and not f.name.startswith(".") and file_suffix(f) in IMAGE_SUFFIXES)
-            if not found:
-                raise DataFormatError(p, f"the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
-        elif not p.exists():
-            raise DataFormatError(p, "no such image file")
-        else:
-            files.append(p)
-    if not files:
-        raise SampleRunError("no image files given")
-    return files
-
-
-def scans_from_images(paths: Sequence[str | os.PathLike], expect: tuple[int, int, int] | None = None) -> ScanSet:
-    """Scans from image files (png, jpg, npy, nii.gz; a folder means every image in it), no experts.
-
-    Intensities map to [-1, 1] by the rule `ssb-fast data import-folder` uses, chosen once over all files
-    (8/16-bit: full range; floats in a known range keep it; else min..max). The case id is the file name
-    without its suffix. `expect` (C, H, W) names the first file that does not fit the model.
-    """
-    files = image_files(paths)
-    seen: dict[str, Path] = {}
-    for f in files:
-        case = case_name(f)
-        if case in seen:
-            raise SampleRunError(f"two images give the case id {case!r}: {seen[case]} and {f}; rename one")
-        seen[case] = f
-    raw = []
-    for f in files:
-        case = case_name(f)
-        chw = image_to_chw(read_array(f, case), f, case, file_suffix(f) in (".png", ".jpg", ".jpeg"))
-        check_image_finite(chw, f, case)
-        if expect is not None:
-            _check_scan_shape(tuple(chw.shape), expect, f, case)
-        elif raw and chw.shape != raw[0].shape:
-            raise DataFormatError(f, f"image shape {chw.shape} (C, H, W) differs from {files[0]}'s {raw[0].shape}",
-                                  case)
-        raw.append(chw)
-    dtypes = {a.dtype for a in raw if a.size}
-    low = min(float(a.min()) for a in raw if a.size)
-    high = max(float(a.max()) for a in raw if a.size)
-    scaling = choose_scaling(dtypes, low, high)
-    images = torch.from_numpy(np.stack([scaling.apply(a) for a in raw]))
-    n, _, height, width = images.shape
-    return ScanSet(
-        images=images, case_ids=[case_name(f) for f in files], sources=[str(f) for f in files],
-        experts=np.zeros((n, 0, height, width), dtype=np.uint8), present=np.zeros((n, 0), dtype=bool),
-        input={"kind": "images", "images": [str(f.resolve()) for f in files], "image_scaling": scaling.to_meta()},
-    )
-
-
-def model_scan_shape(model) -> tuple[int, int, int]:
-    """(C, H, W) of the scans the model was trained on."""
-    cfg = model.config
-    return int(cfg.scan_channels), int(cfg.image_size), int(cfg.image_size)
-
-
-def _check_scan_shape(shape: tuple, expect: tuple[int, int, int], path, case: str) -> None:
-    (c, h, w), (ec, eh, ew) = shape, expect
-    if c != ec:
-        raise DataFormatError(path, f"the scan has {c} channel(s); the model expects {ec}", case)
-    if (h, w) != (eh, ew):
-        raise DataFormatError(path, f"the scan is {h}x{w} pixels; the model was trained on {eh}x{ew} scans", case)
-
-
-def check_scans_fit(model, scans: ScanSet) -> None:
-    """Raise DataFormatError naming the first scan whose channels or size differ from the model's."""
-    expect = model_scan_shape(model)
-    for i, case in enumerate(scans.case_ids):
-        _check_scan_shape(tuple(scans.images.shape[1:]), expect, scans.sources[i], case)
 
 
 # ---- model --------------------------------------------------------------------------------------------
@@ -280,108 +149,16 @@ def _load(model_path, device: torch.device):
     return net, file, bridge
 
 
-# ---- case files -------------------------------------------------------------------------------------
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def case_file_stems(case_ids: Sequence[str]) -> list[str]:
-    """File names for case ids: other characters than letters, digits, '.', '_' and '-' become '_', and
-    names that clash (also by case, for case-insensitive file systems) get -2, -3, ..."""
-    stems, used = [], set()
-    for cid in case_ids:
-        base = _UNSAFE.sub("_", str(cid)).lstrip(".")[:120] or "case"
-        stem, k = base, 2
-        while stem.lower() in used:
-            stem, k = f"{base}-{k}", k + 1
-        used.add(stem.lower())
-        stems.append(stem)
-    return stems
-
-
-def scan_digest(image: torch.Tensor) -> str:
-    """A fingerprint of a scan's pixels, so that a continued run reuses a case only for the same scan."""
-    data = np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32)
-    return hashlib.blake2b(data.tobytes() + str(data.shape).encode(), digest_size=16).hexdigest()
-
-
-def write_case_file(path: str | os.PathLike, case: dict) -> Path:
-    """One finished case, atomically: samples (N,H,W) uint8, labels (N,), experts (M,H,W), present (M,),
-    optionally soft (N,H,W) float16, and its case id, scan digest, settings and stats as strings."""
-    arrays = {
-        "samples": np.asarray(case["samples"], dtype=np.uint8),
-        "labels": np.asarray(case["labels"], dtype=np.int64),
-        "experts": np.asarray(case["experts"], dtype=np.uint8),
-        "present": np.asarray(case["present"], dtype=bool),
-        "case_id": np.array(case["case_id"]),
-        "scan_digest": np.array(case["scan_digest"]),
-        "settings": np.array(json.dumps(case["settings"], sort_keys=True)),
-        "stats": np.array(json.dumps(case["stats"], sort_keys=True)),
-    }
-    if case.get("soft") is not None:
-        arrays["soft"] = np.asarray(case["soft"], dtype=np.float16)
-    return write_atomic(path, lambda fh: np.savez_compressed(fh, **arrays))
-
-
-def read_case_file(path: str | os.PathLike) -> dict:
-    """A case file as written by `write_case_file`; ValueError when it is damaged or incomplete."""
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a readable .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            case = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path}: not a readable case file ({err})") from None
-    needed = ("samples", "labels", "experts", "present", "case_id", "scan_digest", "settings", "stats")
-    missing = [k for k in needed if k not in case]
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)}")
-    for key in ("case_id", "scan_digest"):
-        case[key] = str(case[key])
-    for key in ("settings", "stats"):
-        case[key] = json.loads(str(case[key]))
-    return case
-
-
-# ---- preview PNG ------------------------------------------------------------------------------------
-def write_case_preview(path: str | os.PathLike, scan: np.ndarray, samples: np.ndarray, labels: np.ndarray,
-                       experts: np.ndarray, present: np.ndarray, caption: str) -> Path:
-    """One row of tiles: the scan, each expert's mask over it, the first samples over it (titled with the
-    expert label each was drawn with), the mean mask (pixelwise probability) and the per-pixel std
-    (uncertainty, 0 to 0.5), with a caption below."""
-    height, width = samples.shape[-2:]
-    scale = max(1, PREVIEW_TILE // max(height, width))
-    th, tw, gap, header, footer = height * scale, width * scale, 2, 16, 16
-    grey = grey_rgb(np.asarray(scan, dtype=np.float32))
-    tiles: list[tuple[str, np.ndarray | None]] = [("scan", grey)]
-    for k in range(experts.shape[0]):
-        colour = READER_COLOURS[k % len(READER_COLOURS)]
-        tiles.append((f"expert {k + 1}", overlay(grey, experts[k], colour) if present[k] else None))
-    for i in range(min(PREVIEW_SAMPLES, samples.shape[0])):
-        tiles.append((f"sample {i + 1} / expert {int(labels[i]) + 1}", overlay(grey, samples[i], SAMPLE_COLOUR)))
-    prob = samples.astype(np.float64).mean(axis=0)
-    tiles.append(("mean", heat(prob)))
-    tiles.append(("std (max 0.5)", heat(np.sqrt(prob * (1.0 - prob)) / 0.5)))  # std of 0/1 values
-    canvas, draw, font = new_canvas(len(tiles) * (tw + gap), header + th + footer)
-    for c, (title, _) in enumerate(tiles):
-        draw.text((c * (tw + gap) + 3, 2), title, fill=TEXT, font=font)
-    paste_tiles(canvas, draw, font, [tile for _, tile in tiles], header, tw, th, gap)
-    draw.text((3, header + th + 2), caption, fill=CAPTION, font=font)
-
-    def save(fh):
-        canvas.save(fh, format="PNG")
-
-    return write_atomic(path, save)
-
-
-# ---- the run ----------------------------------------------------------------------------------------
+# ---- entry points ---------------------------------------------------------------------------------------
 def sample_dataset(model_path: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                    split: str = "test", cases: int | None = None, case_ids: Sequence[str] | None = None,
-                   **options) -> dict:
+                   shard: Shard | None = None, group: RankGroup | None = None, **options) -> dict:
     """Sample every chosen scan of a dataset split into `out` (with the experts, so `evaluate` works on it).
 
-    `options` are the fields of SampleOptions. Returns the summary also written to out/summary.json.
-    Raises SampleRunError (settings, output folder), CheckpointError (model) or DataFormatError (scans).
+    `options` are the fields of SampleOptions; `shard` is this process's part of the cases (default: all),
+    `group` the torchrun ranks it meets (None for separate processes). Returns the summary, also written
+    to out/summary.json when the run is complete. Raises SampleRunError (settings, output folder),
+    CheckpointError (model) or DataFormatError (scans, an --out that is a file).
     """
     start = time.perf_counter()
     opts = SampleOptions(**options)
@@ -389,88 +166,51 @@ def sample_dataset(model_path: str | os.PathLike, data: str | os.PathLike, out: 
     net, model_file, bridge = _load(model_path, device)
     scans = scans_from_dataset(data, split, cases, case_ids)
     check_scans_fit(net, scans)
-    return _run(net, model_file, bridge, scans, Path(out), opts, device, start)
+    return _run(net, model_file, bridge, scans, Path(out), opts, device, start, shard, group)
 
 
-def sample_images(model_path: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike,
+def sample_images(model_path: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                  axis: int | None = None, slices=None, shard: Shard | None = None, group: RankGroup | None = None,
                   **options) -> dict:
     """Sample image files (or folders of them) into `out`; there are no experts (M = 0 in samples.npz).
 
+    A NIfTI volume is sampled on the slices `slices` (a SliceSpec, see ssb_fast.nifti_io.parse_slices)
+    along `axis` (default the last); every NIfTI input gets its maps back as NIfTI in out/nifti.
     Same options, return value and errors as `sample_dataset`.
     """
     start = time.perf_counter()
     opts = SampleOptions(**options)
     device = opts.check()
     net, model_file, bridge = _load(model_path, device)
-    scans = scans_from_images(images, expect=model_scan_shape(net))
-    return _run(net, model_file, bridge, scans, Path(out), opts, device, start)
+    scans = scans_from_images(images, expect=model_input(net), axis=axis, slices=slices)
+    return _run(net, model_file, bridge, scans, Path(out), opts, device, start, shard, group)
 
 
-def sample_scans(model_path: str | os.PathLike, scans: ScanSet, out: str | os.PathLike, **options) -> dict:
+def sample_scans(model_path: str | os.PathLike, scans: ScanSet, out: str | os.PathLike, *,
+                 shard: Shard | None = None, group: RankGroup | None = None, **options) -> dict:
     """Sample a ScanSet built elsewhere into `out`; same options, return value and errors as above."""
     start = time.perf_counter()
     opts = SampleOptions(**options)
     device = opts.check()
     net, model_file, bridge = _load(model_path, device)
     check_scans_fit(net, scans)
-    return _run(net, model_file, bridge, scans, Path(out), opts, device, start)
+    return _run(net, model_file, bridge, scans, Path(out), opts, device, start, shard, group)
 
 
-def _prepare_out(out: Path, settings: dict, resume: bool) -> None:
-    """Refuse to mix runs: a folder holding a run needs `resume`, and then the same mask settings."""
-    args_file = out / ARGS_FILE
-    has_cases = (out / CASES_DIR).is_dir() and any((out / CASES_DIR).glob("*.npz"))
-    if out.exists() and not out.is_dir():
-        raise SampleRunError(f"{out} exists and is not a folder; --out needs a folder")
-    if not resume:
-        if args_file.exists() or has_cases:
-            raise SampleRunError(f"{out} already holds a sampling run; pass --continue to reuse its finished "
-                                 f"cases, or choose another --out")
-        return
-    if not args_file.exists():
-        return
-    try:
-        saved = json.loads(args_file.read_text())
-    except (OSError, ValueError) as err:
-        raise SampleRunError(f"{args_file}: cannot read the previous run's arguments ({err})") from None
-    diffs = _differences(saved, settings)
-    if diffs:
-        raise SampleRunError(f"{out} was sampled with other settings ({'; '.join(diffs)}); --continue needs the "
-                             f"same ones (or choose another --out)")
-
-
-def _differences(saved: dict, wanted: dict) -> list[str]:
-    return [f"{key} {saved.get(key)!r} there, {wanted[key]!r} now" for key in MASK_SETTINGS
-            if saved.get(key) != wanted[key]]
-
-
-def _reusable(path: Path, case_id: str, digest: str, settings: dict) -> dict | None:
-    """The finished case in `path` if it is whole and was made from this scan with these settings."""
-    if not path.exists():
-        return None
-    try:
-        case = read_case_file(path)
-    except ValueError as err:
-        warnings.warn(f"{err}; sampling case {case_id!r} again", stacklevel=3)
-        return None
-    if case["case_id"] != case_id:
-        raise SampleRunError(f"{path} holds case {case['case_id']!r}, not {case_id!r}; choose another --out")
-    diffs = _differences(case["settings"], settings)
-    if diffs:
-        raise SampleRunError(f"{path} was sampled with other settings ({'; '.join(diffs)}); --continue needs the "
-                             f"same ones (or choose another --out)")
-    if case["scan_digest"] != digest:
-        raise SampleRunError(f"{path} was sampled from a different scan {case_id!r} than the one given now; "
-                             f"choose another --out")
-    return case
-
-
+# ---- the run ----------------------------------------------------------------------------------------
 def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts: SampleOptions,
-         device: torch.device, wall_start: float) -> dict:
-    """Check OUT, write args.json, sample the unfinished cases group by group, assemble samples.npz."""
+         device: torch.device, wall_start: float, shard: Shard | None, group: RankGroup | None) -> dict:
+    """Check OUT, write args.json, sample this part's unfinished cases group by group, then assemble the
+    run's files if every case is there."""
     from ssb_fast import __version__
 
-    compile_net = device.type == "cuda" if opts.compile is None else bool(opts.compile)
+    shard = shard or Shard()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    check_out_folder(out)
+    # True compiles with Inductor; a string names another torch.compile backend
+    compile_net = device.type == "cuda" if opts.compile is None else opts.compile
+    if not isinstance(compile_net, str):
+        compile_net = bool(compile_net)
     args = {
         "command": "ssb-fast sample",
         "ssb_fast_version": __version__,
@@ -480,108 +220,240 @@ def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts:
         "input": scans.input,
         "case_ids": list(scans.case_ids),
         **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
-           if f.name not in ("resume", "progress", "compile", "device", "max_batch")},
+           if f.name not in ("resume", "progress", "compile", "device", "max_batch", "precision")},
         "device": str(device),
         "compile": compile_net,
+        "shard": {"num_parts": shard.num_parts, "launcher": shard.launcher,
+                  "rule": "case j belongs to part j mod num_parts"},
     }
-    settings = json.loads(json.dumps({key: args[key] for key in MASK_SETTINGS}))
-    _prepare_out(out, settings, opts.resume)
+    settings = json.loads(json.dumps({key: args[key] for key in MASK_SETTINGS}))  # as case files hold them
     try:
         sampler = Sampler(net, bridge, nfe=opts.nfe, guidance=opts.guidance, labels=opts.labels, ot_ode=opts.ot_ode,
                           seed=opts.seed, max_batch=opts.max_batch, device=device, compile=compile_net,
-                          cuda_graphs=opts.cuda_graphs)
+                          cuda_graphs=opts.cuda_graphs, precision=None if opts.precision == "auto" else opts.precision)
     except ValueError as err:  # e.g. an NFE beyond the model's bridge
         raise SampleRunError(str(err)) from None
-    case_paths = [out / CASES_DIR / f"{stem}.npz" for stem in case_file_stems(scans.case_ids)]
+    args["precision"] = sampler.runner.precision
+    args["rows_per_step"] = f"{sampler.halves}B"
+    paths = case_paths(out, case_file_stems(scans.case_ids))
     digests = [scan_digest(image) for image in scans.images]
+    mine = shard.cases(len(scans))
     finished: dict[int, dict] = {}
-    if opts.resume:
-        for i, path in enumerate(case_paths):
-            case = _reusable(path, scans.case_ids[i], digests[i], settings)
-            if case is not None:
-                finished[i] = case
+    with folder_lock(out):
+        saved = check_folder(out, args, settings, shard, opts.resume, [paths[i] for i in mine])
+        if opts.resume:
+            for i in mine:
+                case = reusable(paths[i].npz, scans.case_ids[i], digests[i], settings)
+                if case is not None:
+                    finished[i] = case
+        # Only now, with every check passed, does the folder change. A part joining a sharded run keeps the
+        # args.json its first part wrote (they differ only in this process's device and batch).
+        args.update({"max_batch": sampler.max_batch, "continue": opts.resume})
+        if not shard.sharded or saved is None:
+            write_json_atomic(out / ARGS_FILE, args)
     reused = set(finished)
-    # Only now, with every check passed, does the folder change.
-    args.update({"max_batch": sampler.max_batch, "continue": opts.resume})
-    write_json_atomic(out / ARGS_FILE, args)
-    todo = [i for i in range(len(scans)) if i not in reused]
-    caption = f"N = {opts.n_samples}, NFE {opts.nfe}, guidance {opts.guidance:g}, labels {opts.labels}"
+    todo = [i for i in mine if i not in reused]
+    settings_line = f"N = {opts.n_samples}, NFE {opts.nfe}, guidance {opts.guidance:g}, labels {opts.labels}"
+    records: dict[int, dict] = {}
 
-    def preview(i: int) -> None:
-        case = finished[i]
-        write_case_preview(case_paths[i].with_suffix(".png"), scans.images[i].numpy(), case["samples"],
-                           case["labels"], case["experts"], case["present"], f"{scans.case_ids[i]}   {caption}")
+    def scan_of(i: int) -> np.ndarray:
+        return scans.images[i].numpy()
 
-    if opts.png:  # previews of reused cases, where missing
-        for i in sorted(reused):
-            if not case_paths[i].with_suffix(".png").exists():
-                preview(i)
+    for i in sorted(reused):  # maps and pictures of reused cases, where missing
+        records[i] = refresh_case_outputs(paths[i], finished[i], scan_of(i), scans.sources[i], settings_line,
+                                          opts.png)
+    del finished  # the case files hold them; the assembly reads them back
 
-    totals = {"seconds": 0.0, "network_rows": 0, "groups": 0, "oom_retries": 0}
+    totals = {"seconds": 0.0, "warmup_seconds": 0.0, "network_rows": 0, "padding_rows": 0, "groups": 0,
+              "oom_retries": 0}
+    stats_of: dict[int, dict] = {}
     # A group of scans fills at least one chunk, so the network never runs on a chunk smaller than it must.
     group_size = max(1, math.ceil(sampler.max_batch / opts.n_samples))
     device_name = describe_device(device)
-    with progress_bar("sampling masks", len(todo) * opts.n_samples, enabled=opts.progress) as advance:
+    total = len(todo) * opts.n_samples
+    run_wide = group is not None and group.store is not None
+    if group is not None:
+        group.announce(total)
+    label = "sampling masks" if group is None else ("sampling masks, all ranks" if run_wide else
+                                                     f"sampling masks, rank {shard.rank}'s share")
+    with progress_bar(label, total, enabled=opts.progress and shard.is_main, unit="masks") as advance:
+        def report(new: int) -> None:
+            counts = group.progress(new) if group is not None else None
+            if counts is None:
+                advance(new)
+            else:
+                advance(0, completed=counts[0], total=counts[1])
+
         for start in range(0, len(todo), group_size):
-            group = todo[start:start + group_size]
+            chunk_cases = todo[start:start + group_size]
             reported = 0
 
-            def on_chunk(done: int, total: int) -> None:
+            def on_chunk(done: int, _total: int) -> None:
                 nonlocal reported
-                advance(done - reported)
+                report(done - reported)
                 reported = done
 
-            result = sampler.sample(scans.images[group], opts.n_samples, case_ids=[scans.case_ids[i] for i in group],
-                                    return_soft=opts.soft, on_chunk=on_chunk)
+            result = sampler.sample(scans.images[chunk_cases], opts.n_samples,
+                                    case_ids=[scans.case_ids[i] for i in chunk_cases], return_soft=opts.soft,
+                                    on_chunk=on_chunk)
             stats = result.stats
-            if stats["final_batch"] < sampler.max_batch:  # CUDA ran out of memory: keep the chunk size that fit
-                sampler.max_batch = stats["final_batch"]
-            for key in ("seconds", "network_rows", "oom_retries"):
+            for key in ("seconds", "warmup_seconds", "network_rows", "padding_rows", "oom_retries"):
                 totals[key] += stats[key]
             totals["groups"] += 1
-            for j, i in enumerate(group):
-                finished[i] = {
+            for j, i in enumerate(chunk_cases):
+                case = {
                     "case_id": scans.case_ids[i], "samples": result.masks[j].numpy(),
                     "labels": result.labels[j].numpy(), "experts": scans.experts[i], "present": scans.present[i],
                     "soft": result.soft[j].numpy() if result.soft is not None else None,
                     "scan_digest": digests[i], "settings": settings,
-                    # a case's time and network rows are its share of its group's
-                    "stats": {"seconds": stats["seconds"] / len(group), "masks_per_s": stats["masks_per_s"],
-                              "network_rows": stats["network_rows"] / len(group), "group_scans": len(group),
-                              "chunks_in_group": stats["chunks"], "max_batch": stats["final_batch"],
-                              "device": device_name},
                 }
-                write_case_file(case_paths[i], finished[i])
-                if opts.png:
-                    preview(i)
+                # a case's time and network rows are its share of its group's
+                stats_of[i] = {"seconds": stats["seconds"] / len(chunk_cases), "masks_per_s": stats["masks_per_s"],
+                               "warmup_seconds": stats["warmup_seconds"] / len(chunk_cases),
+                               "network_rows": stats["network_rows"] / len(chunk_cases),
+                               "group_scans": len(chunk_cases), "chunks_in_group": stats["chunks"],
+                               "max_batch": stats["final_batch"], "device": device_name}
+                records[i] = write_case_outputs(paths[i], case, scan_of(i), scans.sources[i], settings_line,
+                                                opts.png)
 
-    cases = [finished[i] for i in range(len(scans))]
-    extra = {"labels": np.stack([c["labels"] for c in cases])}
-    if opts.soft:
-        extra["soft"] = np.stack([np.asarray(c["soft"], dtype=np.float16) for c in cases])
-    write_samples_npz(out, np.stack([c["samples"] for c in cases]), np.stack([c["experts"] for c in cases]),
-                      np.stack([c["present"] for c in cases]), list(scans.case_ids), extra=extra)
+        masks = len(todo) * opts.n_samples
+        part = {
+            "part": shard.to_dict(), "started_at": started_at, "device": device_record(device),
+            "versions": versions(device), "masks": masks, "seconds": totals["seconds"],
+            "warmup_seconds": totals["warmup_seconds"],
+            # throughput over the steady state; compile, autotuning and graph capture are counted apart
+            "masks_per_s": masks / totals["seconds"] if totals["seconds"] > 0 else None,
+            "masks_per_s_with_warmup": (masks / (totals["seconds"] + totals["warmup_seconds"])
+                                        if totals["seconds"] + totals["warmup_seconds"] > 0 else None),
+            "network_rows": totals["network_rows"], "padding_rows": totals["padding_rows"],
+            "network_rows_per_mask": totals["network_rows"] / masks if masks else None,
+            "rows_per_step": f"{sampler.halves}B", "precision": sampler.runner.precision,
+            "compiled_shapes": sorted(sampler.runner.shapes), "groups": totals["groups"],
+            "max_batch": sampler.max_batch, "oom_retries": totals["oom_retries"],
+            "part_cases": len(mine), "sampled_cases": [scans.case_ids[i] for i in todo],
+            "reused_cases": [scans.case_ids[i] for i in sorted(reused)],
+            "case_stats": {scans.case_ids[i]: stats_of[i] for i in todo},
+        }
+        part["wall_seconds"] = time.perf_counter() - wall_start
+        if shard.sharded:
+            write_part_record(out, shard, part)
+        if group is not None:  # torchrun: every rank's case files exist once all ranks are past this
+            def show_all(done: int, todo_all: int) -> None:
+                advance(0, completed=done, total=todo_all)
 
-    masks = len(todo) * opts.n_samples
-    summary = {
+            group.wait_for_all(show_all if run_wide else None)
+
+    base = _invocation_summary(out, model_file, device_name, scans, opts, part, shard)
+    if group is not None and not shard.is_main:
+        return {**base, "assembled": False, "missing_cases": None, "assembled_by": "rank 0"}
+    with folder_lock(out):
+        missing = missing_cases(paths)
+        if missing:
+            return {**base, "assembled": False, "missing_cases": len(missing),
+                    "missing_case_ids": [scans.case_ids[i] for i in missing[:10]]}
+        cases = read_finished_cases(paths, scans.case_ids, digests, settings)
+        for i, case in enumerate(cases):
+            if i not in records:  # another part's case: its record, redrawn if a file is missing
+                records[i] = refresh_case_outputs(paths[i], case, scan_of(i), scans.sources[i], settings_line,
+                                                  opts.png)
+        write_run_samples(out, cases, scans.case_ids, opts.soft)
+        nifti = write_nifti_maps(out, scans.volumes, cases) if scans.volumes else []
+        del cases
+        parts = read_part_records(out) if (out / PARTS_DIR).is_dir() else []
+        if not shard.sharded and (part["masks"] or not parts):  # a plain --continue that only assembled adds none
+            parts.append(part)
+        summary = _run_summary(base, out, scans, paths, records, stats_of, parts, nifti)
+        write_json_atomic(out / SUMMARY_FILE, summary)
+        write_json_atomic(out / RUN_FILE, _run_record(args, part, parts, shard, summary))
+    return summary
+
+
+def _invocation_summary(out: Path, model_file: Path, device_name: str, scans: ScanSet, opts: SampleOptions,
+                        part: dict, shard: Shard) -> dict:
+    """What this process did: its cases, masks and speed."""
+    sampled = len(part["sampled_cases"])
+    return {
         "out": str(out), "model": str(model_file), "device": device_name,
         "n_cases": len(scans), "n_samples": opts.n_samples, "nfe": opts.nfe, "guidance": opts.guidance,
         "labels": opts.labels, "ot_ode": opts.ot_ode, "seed": opts.seed,
         "has_experts": bool(scans.experts.shape[1] > 0),
-        "sampled_cases": len(todo), "reused_cases": len(reused), "masks": masks,
-        "seconds": totals["seconds"],
-        "masks_per_s": masks / totals["seconds"] if totals["seconds"] > 0 else None,
-        "network_rows": totals["network_rows"],
-        "network_rows_per_mask": totals["network_rows"] / masks if masks else None,
-        "groups": totals["groups"], "max_batch": sampler.max_batch, "oom_retries": totals["oom_retries"],
-        "wall_seconds": time.perf_counter() - wall_start,
-        "files": {"samples": SAMPLES_FILE, "args": ARGS_FILE, "summary": SUMMARY_FILE, "cases": CASES_DIR},
-        "cases": [
-            {"case_id": scans.case_ids[i], "file": f"{CASES_DIR}/{path.name}",
-             "png": f"{CASES_DIR}/{path.with_suffix('.png').name}" if path.with_suffix(".png").exists() else None,
-             "reused": i in reused, **finished[i]["stats"]}
-            for i, path in enumerate(case_paths)
-        ],
+        "shard": shard.to_dict(), "part_cases": part["part_cases"],
+        "sampled_cases": sampled, "reused_cases": part["part_cases"] - sampled,
+        **{key: part[key] for key in ("masks", "seconds", "warmup_seconds", "masks_per_s", "masks_per_s_with_warmup",
+                                      "network_rows", "padding_rows", "network_rows_per_mask", "rows_per_step",
+                                      "precision", "compiled_shapes", "groups", "max_batch", "oom_retries",
+                                      "wall_seconds")},
     }
-    write_json_atomic(out / SUMMARY_FILE, summary)
-    return summary
+
+
+def _run_summary(base: dict, out: Path, scans: ScanSet, paths, records: dict[int, dict], stats_of: dict[int, dict],
+                 parts: list[dict], nifti: list[str]) -> dict:
+    """The assembled run: this process's work, every part's speed, the metrics and every case's files."""
+    known: dict[str, tuple[str, dict]] = {}  # case id -> (part, stats) from every part's record
+    for record in parts:
+        for case_id, stats in record.get("case_stats", {}).items():
+            known[case_id] = (_part_label(record["part"]), stats)
+    cases = []
+    for i, path in enumerate(paths):
+        case_id = scans.case_ids[i]
+        by, stats = known.get(case_id, (None, {}))
+        cases.append({
+            "case_id": case_id, "file": path.npz.relative_to(out).as_posix(),
+            "png": path.png.relative_to(out).as_posix() if path.png.exists() else None,
+            "folder": path.folder.relative_to(out).as_posix(),
+            "grid": path.grid.relative_to(out).as_posix() if path.grid.exists() else None,
+            "reused": i not in stats_of, "sampled_by": by,
+            "uncertainty": records[i]["uncertainty"], "metrics": records[i]["metrics"],
+            **(stats_of.get(i) or stats),
+        })
+    scored = [c["metrics"] for c in cases if c["metrics"] is not None]
+    metrics = None
+    if scored:
+        metrics = {"n_cases": len(scored), "n_samples": base["n_samples"],
+                   "mean": {name: float(np.mean([m[name] for m in scored])) for name in METRIC_NAMES}}
+    n_cases = len(scans)
+    return {
+        **base, "other_parts_cases": n_cases - base["part_cases"], "assembled": True, "missing_cases": 0,
+        "parts": [_part_brief(r) for r in parts],
+        "metrics": metrics,
+        "entropy_bits_mean": float(np.mean([c["uncertainty"]["entropy_bits_mean"] for c in cases])),
+        "files": {"samples": SAMPLES_FILE, "args": ARGS_FILE, "summary": SUMMARY_FILE, "run": RUN_FILE,
+                  "cases": CASES_DIR, "nifti": nifti},
+        "cases": cases,
+    }
+
+
+def _part_label(part: dict) -> str:
+    return f"part-{part['part_id']}-of-{part['num_parts']}"
+
+
+def _part_brief(record: dict) -> dict:
+    return {"part": _part_label(record["part"]), "launcher": record["part"]["launcher"],
+            "host": record["device"]["host"], "device": record["device"]["device"],
+            "device_name": record["device"]["name"], "device_uuid": record["device"]["uuid"],
+            "cases": len(record["sampled_cases"]), "masks": record["masks"], "seconds": record["seconds"],
+            "warmup_seconds": record["warmup_seconds"], "masks_per_s": record["masks_per_s"],
+            "wall_seconds": record["wall_seconds"], "started_at": record["started_at"]}
+
+
+def _run_record(args: dict, part: dict, parts: list[dict], shard: Shard, summary: dict) -> dict:
+    """run.json: the resolved arguments, the versions, this process's device and timing, every part."""
+    rates = [r["masks_per_s"] for r in parts if r["masks_per_s"]]
+    return {
+        "command": "ssb-fast sample", "argv": command_line(), "args": args,
+        "versions": part["versions"], "device": part["device"],
+        "wall_seconds": part["wall_seconds"], "started_at": part["started_at"],
+        "assembled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "masks": part["masks"], "warmup_seconds": part["warmup_seconds"], "seconds": part["seconds"],
+        "steady_masks_per_s": part["masks_per_s"], "masks_per_s_with_warmup": part["masks_per_s_with_warmup"],
+        "shard_layout": {
+            "this_process": shard.to_dict(),
+            "num_parts": max([shard.num_parts, *(r["part"]["num_parts"] for r in parts)]),
+            "rule": "case j belongs to part j mod num_parts",
+            "parts": [_part_brief(r) for r in parts],
+            # parts that ran at the same time sample at about the sum of their steady rates
+            "sum_of_steady_masks_per_s": sum(rates) if rates else None,
+        },
+        "parts": parts,
+        "n_cases": summary["n_cases"], "n_samples": summary["n_samples"],
+    }

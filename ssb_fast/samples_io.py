@@ -12,7 +12,8 @@ Such a file reads fine, but has nothing to score against. `ssb-fast sample` also
 (B, N), the expert label each mask was drawn with, and with --soft `soft` (B, N, H, W) float16.
 
 Any .npz with `samples` and `experts` is read too (`present` defaults to all True, `case_ids` to
-scan0, scan1, ...; 3-D arrays are one scan). Nothing is unpickled. Writes are atomic.
+scan0, scan1, ...; 3-D arrays are one scan). Nothing is unpickled. Writes are atomic, and the same
+arrays give the same bytes.
 """
 
 from __future__ import annotations
@@ -171,7 +172,19 @@ def write_samples_npz(path: str | os.PathLike, samples, experts, present=None, c
         if arr.dtype.kind not in "biuf" or arr.ndim == 0 or arr.shape[0] != sample_set.n_scans:
             raise SamplesFormatError(f"{file}: extra array {name!r} must be numeric with one row per scan "
                                      f"({sample_set.n_scans}); got dtype {arr.dtype}, shape {arr.shape}")
-    save = np.savez_compressed if compress else np.savez
-    return write_atomic(file, lambda fh: save(
-        fh, samples=sample_set.samples, experts=sample_set.experts, present=sample_set.present,
-        case_ids=np.asarray(sample_set.case_ids, dtype=str), **extra))
+    arrays = {"samples": sample_set.samples, "experts": sample_set.experts, "present": sample_set.present,
+              "case_ids": np.asarray(sample_set.case_ids, dtype=str), **extra}
+    return write_atomic(file, lambda fh: save_npz(fh, arrays, compress))
+
+
+def save_npz(fh, arrays: dict[str, np.ndarray], compress: bool = True) -> None:
+    """What np.savez(_compressed) writes, with every member's time stamp fixed (1980-01-01), so that the
+    same arrays always give the same bytes (np.savez stamps the current time). Nothing is pickled."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(fh, mode="w", compression=method, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = method
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)

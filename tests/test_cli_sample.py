@@ -42,7 +42,7 @@ def test_sample_a_dataset_then_evaluate_it(run, tmp_path):
     assert "sampled 3 case(s) x 4 masks, NFE 3" in result.output and "masks/s" in result.output
     assert f"next: ssb-fast evaluate {out}" in result.output
     assert sorted(p.name for p in (out / "cases").iterdir()) == [
-        f"synthetic_0000{i}.{ext}" for i in (0, 2, 3) for ext in ("npz", "png")]
+        f"synthetic_0000{i}{ext}" for i in (0, 2, 3) for ext in ("", ".npz", ".png")]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_cases"] == 3 and summary["masks"] == 12 and summary["device"].startswith("cpu")
     assert all(case["seconds"] > 0 and case["network_rows"] > 0 for case in summary["cases"])

@@ -12,19 +12,19 @@ from PIL import Image
 from ssb_fast.train.loop import TrainConfig, train
 
 from ssb_fast import Bridge, load_model
+from ssb_fast.case_figures import PREVIEW_SAMPLES
 from ssb_fast.data import DataFormatError, load, write_synthetic
-from ssb_fast.sample_run import (
+from ssb_fast.sample_folder import (
     ARGS_FILE,
     CASES_DIR,
-    PREVIEW_SAMPLES,
+    LOCK_FILE,
+    RUN_FILE,
     SUMMARY_FILE,
-    SampleRunError,
     case_file_stems,
     read_case_file,
-    sample_dataset,
-    sample_images,
-    scans_from_dataset,
 )
+from ssb_fast.sample_inputs import SampleRunError, scans_from_dataset
+from ssb_fast.sample_run import sample_dataset, sample_images
 from ssb_fast.sampler import Sampler
 from ssb_fast.samples_io import SAMPLES_FILE, read_samples_npz
 
@@ -66,9 +66,11 @@ def test_folder_layout_and_case_files(run, tmp_path):
     out = tmp_path / "out"
     summary = sample_dataset(run_dir, data, out, split="train", case_ids=["synthetic_00004", "synthetic_00000"],
                              soft=True, **FAST)
-    assert sorted(p.name for p in out.iterdir()) == [ARGS_FILE, CASES_DIR, SAMPLES_FILE, SUMMARY_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, ARGS_FILE, CASES_DIR, RUN_FILE, SAMPLES_FILE,
+                                                     SUMMARY_FILE]
     assert sorted(p.name for p in (out / CASES_DIR).iterdir()) == [
-        "synthetic_00000.npz", "synthetic_00000.png", "synthetic_00004.npz", "synthetic_00004.png"]
+        "synthetic_00000", "synthetic_00000.npz", "synthetic_00000.png",
+        "synthetic_00004", "synthetic_00004.npz", "synthetic_00004.png"]
     args = json.loads((out / ARGS_FILE).read_text())
     assert args["n_samples"] == 5 and args["nfe"] == 3 and args["max_batch"] == 32 and args["soft"] is True
     assert args["case_ids"] == ["synthetic_00004", "synthetic_00000"] and args["input"]["split"] == "train"
@@ -128,11 +130,11 @@ def test_continue_refuses_other_settings_and_a_plain_rerun_refuses_the_folder(ru
         sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=2, resume=True, **{**FAST, "nfe": 4})
     # a case file from other settings is refused even without args.json beside it, and no file changes
     (tmp_path / "out" / ARGS_FILE).unlink()
-    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / CASES_DIR).iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "out" / CASES_DIR).rglob("*") if p.is_file()}
     with pytest.raises(SampleRunError, match="seed 0 there, 1 now"):
         sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=2, resume=True, seed=1, **FAST)
     assert not (tmp_path / "out" / ARGS_FILE).exists()
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / CASES_DIR).iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "out" / CASES_DIR).rglob("*") if p.is_file()} == before
 
 
 def test_interrupted_run_keeps_the_finished_cases(run, tmp_path, monkeypatch):
@@ -150,7 +152,8 @@ def test_interrupted_run_keeps_the_finished_cases(run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):  # max_batch = n_samples: one scan per group
         sample_dataset(run_dir, data, out, split="train", cases=3, max_batch=5, **FAST)
-    assert sorted(p.name for p in (out / CASES_DIR).iterdir()) == ["synthetic_00000.npz", "synthetic_00000.png"]
+    assert sorted(p.name for p in (out / CASES_DIR).iterdir()) == [
+        "synthetic_00000", "synthetic_00000.npz", "synthetic_00000.png"]
     assert not (out / SAMPLES_FILE).exists()
     assert read_case_file(out / CASES_DIR / "synthetic_00000.npz")["samples"].shape == (5, 32, 32)
     monkeypatch.setattr(Sampler, "sample", original)
@@ -212,7 +215,7 @@ def test_progress_advances_once_per_chunk_up_to_every_mask(run, tmp_path, monkey
     steps, totals = [], []
 
     @contextlib.contextmanager
-    def recording_bar(description, total, enabled=True, fields=""):
+    def recording_bar(description, total, enabled=True, fields="", unit="it"):
         totals.append(total)
         yield lambda n=1, **kw: steps.append(n)
 
@@ -244,3 +247,40 @@ def test_samples_file_without_experts_and_with_extra_arrays(tmp_path):
     with pytest.raises(ValueError, match="would replace a required array"):
         write_samples_npz(tmp_path / "x.npz", samples, no_experts, extra={"present": np.zeros((2, 0))})
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_a_compiled_run_sees_at_most_two_shapes(run, tmp_path, guidance):
+    """N = 100, --max-batch 32, 3 scans (one scan per group): the chunk and the shared first step are the
+    only row counts dynamo ever traces (partial chunks are padded), and the masks are the eager run's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    run_dir, data = run
+    opts = dict(split="train", cases=3, n_samples=100, nfe=2, max_batch=32, guidance=guidance, png=False,
+                device="cpu", progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = sample_dataset(run_dir, data, tmp_path / "compiled", compile="eager", **opts)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    halves = 1 if guidance == 1.0 else 2
+    assert compiled["compiled_shapes"] == [8, 32 * halves] and compiled["groups"] == 3
+    assert compiled["padding_rows"] > 0 and compiled["rows_per_step"] == f"{halves}B"
+    eager = sample_dataset(run_dir, data, tmp_path / "eager", compile=False, **opts)
+    assert eager["padding_rows"] == 0 and eager["compiled_shapes"] == []
+    assert np.array_equal(read_samples_npz(tmp_path / "compiled").samples, read_samples_npz(tmp_path / "eager").samples)
+    assert set(compiled) >= {"warmup_seconds", "seconds", "masks_per_s"} and eager["warmup_seconds"] == 0
+
+
+@pytest.mark.slow
+def test_inductor_compiles_two_shapes(run, tmp_path):
+    """The same count with the real Inductor backend (minutes of C++ compilation on a CPU)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    run_dir, data = run
+    torch._dynamo.reset()
+    counters.clear()
+    summary = sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=3, n_samples=100, nfe=2,
+                             max_batch=32, compile=True, png=False, device="cpu", progress=False)
+    assert counters["stats"]["unique_graphs"] <= 2 and summary["compiled_shapes"] == [8, 32]

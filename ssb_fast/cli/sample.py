@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, app, fail, print_json
+from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, ThreadsOption, app, fail, print_json
 
 NOTHING_TO_SAMPLE = (
     "nothing to sample: pass --model RUN (a run folder or model.safetensors from `ssb-fast train`), the scans "
@@ -25,15 +26,31 @@ class LabelMode(str, Enum):
     random = "random"
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  ssb-fast sample --model runs/tiny --data data/synthetic --cases 4 --n-samples 64 --out samples/tiny\n\n"
-        "  ssb-fast evaluate samples/tiny\n\n"
-        "  ssb-fast sample --model runs/tiny/model.safetensors --images scans/*.png --out samples/mine\n\n"
-        "There is no bundled demo model yet: train one with `ssb-fast train` first."
-    )
+class Precision(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+EPILOG = (
+    "Examples:\n\n"
+    "  ssb-fast sample --model runs/tiny --data data/synthetic --cases 4 --n-samples 64 --out samples/tiny\n\n"
+    "  ssb-fast evaluate samples/tiny\n\n"
+    "  ssb-fast sample --model runs/tiny/model.safetensors --images scans/*.png --out samples/mine\n\n"
+    "  ssb-fast sample --model runs/tiny --images ct.nii.gz --slices 40:60 --out samples/ct   "
+    "(slices 40..59 along the last axis; maps back as NIfTI in OUT/nifti)\n\n"
+    "Sharding (every part writes its own case files into the one OUT; the run's samples.npz, summary.json "
+    "and run.json are assembled once every case is there):\n\n"
+    "  torchrun --nproc-per-node 8 -m ssb_fast.cli sample --model RUN --data DATA --out OUT   "
+    "(one process per GPU, cuda:LOCAL_RANK; rank 0 assembles)\n\n"
+    "  ssb-fast sample ... --num-parts 2 --part-id 0 --out OUT ; ssb-fast sample ... --num-parts 2 --part-id 1 "
+    "--out OUT   (separate jobs, e.g. a job array: --part-id $SLURM_ARRAY_TASK_ID)\n\n"
+    "  ssb-fast sample ... --continue --out OUT   (no parts: samples whatever is missing and assembles)\n\n"
+    "There is no bundled demo model yet: train one with `ssb-fast train` first."
 )
+
+
+@app.command(epilog=EPILOG)
 def sample(
     files: Annotated[list[Path] | None, typer.Argument(
         metavar="FILE", show_default=False,
@@ -53,11 +70,24 @@ def sample(
         "--case-ids", metavar="A,B,C", help="Only these cases of the split (comma-separated ids).")] = None,
     images: Annotated[list[Path] | None, typer.Option(
         "--images", metavar="FILE",
-        help="Image files (png, jpg, npy, nii.gz) or folders of them, mapped to [-1, 1] as `ssb-fast data "
-             "import-folder` does. They have no experts, so there is nothing to evaluate.")] = None,
+        help="Image files (png, jpg, npy, nii, nii.gz) or folders of them, mapped to [-1, 1] as `ssb-fast data "
+             "import-folder` does. They have no experts, so there is nothing to evaluate. A NIfTI file gets its "
+             "mean, entropy and majority back as NIfTI with its affine (needs the nifti extra: "
+             "pip install 'ssb-fast[nifti]').")] = None,
+    axis: Annotated[int | None, typer.Option(
+        "--axis", metavar="A", min=0, max=2,
+        help="Spatial axis (0, 1 or 2) along which 3-D NIfTI volumes are cut into 2-D slices [default: 2, "
+             "the last].")] = None,
+    slices: Annotated[str | None, typer.Option(
+        "--slices", metavar="A:B",
+        help="Slices of 3-D NIfTI volumes to sample, counted from 0 along --axis: 40 (one), 40:60 (40..59), "
+             "10:20,35 (a list), 0: (all). Required for volumes; the maps come back as volumes of the input's "
+             "shape, NaN (mean, entropy) and 0 (majority) on the slices not sampled.")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", metavar="OUT",
-        help="Output folder: samples.npz, args.json, summary.json, cases/<case>.npz and .png.")] = None,
+        help="Output folder: samples.npz, summary.json, run.json, args.json; per case cases/<case>.npz (masks), "
+             "cases/<case>.png (preview) and cases/<case>/ (case.json with metrics, mean, entropy and majority "
+             "as .npy and .png, grid.png); nifti/ for NIfTI inputs.")] = None,
     n_samples: Annotated[int, typer.Option("--n-samples", "-n", min=1, show_default=True,
                                            help="Masks per scan.")] = 16,
     nfe: Annotated[int, typer.Option("--nfe", min=1, show_default=True,
@@ -74,39 +104,66 @@ def sample(
     = False,
     seed: Annotated[int, typer.Option(
         "--seed", min=0, show_default=True,
-        help="Seed of the keyed noise: mask i of a case is the same whatever chunk computed it.")] = 0,
+        help="Seed of the keyed noise: mask i of a case is the same whatever chunk, part or GPU computed it.")] = 0,
+    num_parts: Annotated[int | None, typer.Option(
+        "--num-parts", metavar="K", min=1,
+        help="Split the cases into K parts and sample only part --part-id: every K-th case, starting at case "
+             "--part-id. Run the K parts anywhere (a job array, several machines) into the same --out; the last "
+             "to finish assembles samples.npz, or `--continue` without parts does. Under torchrun each part is "
+             "split again over the ranks.")] = None,
+    part_id: Annotated[int | None, typer.Option(
+        "--part-id", metavar="I", min=0, help="Which part this process samples, 0..K-1 (with --num-parts).")]
+    = None,
     max_batch: Annotated[int | None, typer.Option(
         "--max-batch", metavar="B", min=1,
-        help="Masks per chunk; the network sees 2B rows [default: 256 on CUDA, 32 on CPU].")] = None,
+        help="Masks per chunk; the network sees 2B rows, or B at --guidance 1 or 0 [default: 256 on CUDA, "
+             "32 on CPU]. On CUDA out-of-memory the chunk is halved.")] = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    precision: Annotated[Precision, typer.Option(
+        "--precision", show_default=True,
+        help="Network weights and activations: auto = bfloat16 on CUDA, float32 on CPU. The state x_t stays "
+             "float32.")] = Precision.auto,
     compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", help="torch.compile the U-Net [default: on with CUDA, off on CPU].")] = None,
+        "--compile/--no-compile",
+        help="torch.compile the U-Net with fixed shapes (at most two per run: the chunk and the shared first "
+             "step) [default: on with CUDA, off on CPU].")] = None,
     cuda_graphs: Annotated[bool, typer.Option(
-        "--cuda-graphs", help="Capture the U-Net in CUDA graphs (compile mode reduce-overhead; CUDA only).")]
+        "--cuda-graphs", help="Capture each step (U-Net + fused update) as one CUDA graph (CUDA only).")]
     = False,
     soft: Annotated[bool, typer.Option(
         "--soft", help="Also save the soft x0̂ in [-1, 1] (float16) beside the binary masks.")] = False,
     png: Annotated[bool, typer.Option("--png/--no-png", show_default=True,
-                                      help="Write a preview PNG per case under OUT/cases.")] = True,
+                                      help="Draw the pictures of every case: preview, grid.png and the mean, "
+                                           "entropy and majority PNGs (the .npy maps are always written).")]
+    = True,
     resume: Annotated[bool, typer.Option(
         "--continue", help="Reuse the cases already finished in OUT (same settings as its args.json) and "
-                           "sample the rest.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar on stderr.")] = False,
+                           "sample the rest; without --num-parts this also assembles a run sampled in parts.")]
+    = False,
+    no_progress: Annotated[bool, typer.Option(
+        "--no-progress", help="No progress bar on stderr (there is none when stderr is not a terminal, nor on "
+                              "torchrun ranks other than 0).")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Sample N plausible masks per scan from a trained model into a folder a person can open.
 
     Scans come from a dataset split (--data; their experts' masks are kept, so `ssb-fast evaluate OUT`
-    scores them) or from image files (--images). OUT gets samples.npz, args.json (the resolved
-    arguments), summary.json (masks/s, network rows and seconds per case and in total) and, per case,
-    cases/<case>.npz and cases/<case>.png (scan, experts, first samples, mean mask, per-pixel std).
-    Finished cases are written after every group of scans, so Ctrl-C loses none: rerun with --continue.
-    There is no bundled demo model yet: pass --model with a run of `ssb-fast train`.
+    scores them) or from image files (--images; NIfTI volumes slice by slice with --slices). Per case
+    OUT gets the masks (cases/<case>.npz), a preview, and a folder with the mean (pixel frequency), the
+    entropy of the mean in bits, the majority mask, a grid.png to look at and case.json (its metrics
+    against the readers, when there are readers). When every case is there, OUT gets samples.npz,
+    summary.json (masks/s, metrics, every case) and run.json (arguments, versions, device, timing,
+    shard layout). Finished cases are written after every group of scans, so Ctrl-C loses none: rerun
+    with --continue. Cases can be split over processes with --num-parts/--part-id or torchrun.
     """
     from ssb_fast.checkpoint import CheckpointError
     from ssb_fast.data import DataFormatError
-    from ssb_fast.sample_run import CASES_DIR, SampleRunError, sample_dataset, sample_images
+    from ssb_fast.nifti_io import parse_slices
+    from ssb_fast.sample_folder import CASES_DIR
+    from ssb_fast.sample_run import SampleRunError, sample_dataset, sample_images
     from ssb_fast.samples_io import SamplesFormatError
+    from ssb_fast.sharding import make_shard
 
     image_paths = [*(images or []), *(files or [])]
     if model is None and data is None and not image_paths:
@@ -121,6 +178,9 @@ def sample(
     if data is None and (cases is not None or case_ids is not None or split != "test"):
         fail("--split, --cases and --case-ids choose scans of --data; image files are sampled as given",
              ExitCode.BAD_ARGUMENTS)
+    if data is not None and (axis is not None or slices is not None):
+        fail("--axis and --slices cut NIfTI volumes given with --images; a dataset's scans are 2-D",
+             ExitCode.BAD_ARGUMENTS)
     if cases is not None and case_ids is not None:
         fail("give either --cases N or --case-ids, not both", ExitCode.BAD_ARGUMENTS)
     ids = None
@@ -128,13 +188,43 @@ def sample(
         ids = [c.strip() for c in case_ids.split(",") if c.strip()]
         if not ids:
             fail(f"--case-ids names no case: {case_ids!r}", ExitCode.BAD_ARGUMENTS)
+    slice_spec = None
+    if slices is not None:
+        try:
+            slice_spec = parse_slices(slices)
+        except ValueError as err:
+            fail(str(err), ExitCode.BAD_ARGUMENTS)
     if out is None:
         fail("--out OUT is required: the folder to write samples.npz and the case files into",
              ExitCode.BAD_ARGUMENTS)
+    try:
+        shard = make_shard(num_parts, part_id)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
 
+    from ssb_fast.devices import default_threads, set_threads
+
+    ctx = group = None
+    if shard.world_size > 1:  # torchrun: one process per GPU (cuda:LOCAL_RANK), or gloo on CPUs
+        from ssb_fast.sharding import RankGroup
+        from ssb_fast.train.distributed import init_distributed
+
+        try:
+            ctx = init_distributed(device)
+        except ValueError as err:
+            fail(str(err), ExitCode.BAD_ARGUMENTS)
+        except RuntimeError as err:  # e.g. LOCAL_RANK beyond this machine's GPUs, or no rendezvous
+            fail(f"cannot join the torchrun process group: {err}", ExitCode.RUNTIME)
+        device = str(ctx.device)
+        group = RankGroup.from_process_group()
+        if threads is None and ctx.device.type == "cpu":  # the ranks of one machine share its cores
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", shard.world_size))
+            threads = max(1, default_threads() // max(1, local))
+    set_threads(threads)
     options = dict(n_samples=n_samples, nfe=nfe, guidance=guidance, labels=labels.value, ot_ode=ot_ode, seed=seed,
-                   max_batch=max_batch, device=device, compile=compile, cuda_graphs=cuda_graphs, soft=soft,
-                   png=png, resume=resume, progress=not no_progress)
+                   max_batch=max_batch, device=device, precision=precision.value, compile=compile,
+                   cuda_graphs=cuda_graphs, soft=soft, png=png, resume=resume,
+                   progress=not no_progress and shard.is_main)
 
     def finished_note() -> str:
         done = len(list((out / CASES_DIR).glob("*.npz"))) if (out / CASES_DIR).is_dir() else 0
@@ -142,9 +232,11 @@ def sample(
 
     try:
         if data is not None:
-            summary = sample_dataset(model, data, out, split=split, cases=cases, case_ids=ids, **options)
+            summary = sample_dataset(model, data, out, split=split, cases=cases, case_ids=ids, shard=shard,
+                                     group=group, **options)
         else:
-            summary = sample_images(model, image_paths, out, **options)
+            summary = sample_images(model, image_paths, out, axis=axis, slices=slice_spec, shard=shard, group=group,
+                                    **options)
     except SampleRunError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     except CheckpointError as err:
@@ -158,27 +250,74 @@ def sample(
         raise typer.Exit(130) from None
     except (RuntimeError, OSError) as err:
         fail(f"sampling failed: {err}\n{finished_note()}", ExitCode.RUNTIME)
+    finally:
+        if ctx is not None:
+            from ssb_fast.train.distributed import shutdown
 
+            shutdown(ctx)
+
+    if not shard.is_main:  # torchrun: rank 0 reports for the run
+        return
     if json_out:
         print_json(summary)
         return
     typer.echo(format_summary(summary))
 
 
+def _rate(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def format_summary(summary: dict) -> str:
-    """What was sampled, how fast, what was reused, and where the files are."""
+    """What was sampled, how fast, what was reused, where the files are, and what is missing."""
     lines = []
+    shard = summary["shard"]
+    if shard["num_parts"] > 1:
+        i, k = shard["part_id"], shard["num_parts"]
+        rank = f", rank {shard['rank']} of {shard['world_size']}" if shard["world_size"] > 1 else ""
+        lines.append(f"part {i} of {k} ({shard['launcher']}{rank}): {summary['part_cases']} of {summary['n_cases']} "
+                     f"case(s), numbers {i}, {i + k}, {i + 2 * k}, ... of the run's case list")
     if summary["sampled_cases"]:
         lines.append(
             f"sampled {summary['sampled_cases']} case(s) x {summary['n_samples']} masks, NFE {summary['nfe']}, "
-            f"guidance {summary['guidance']:g}, on {summary['device']}: {summary['masks']} masks in "
-            f"{summary['seconds']:.1f} s, {summary['masks_per_s']:.1f} masks/s "
-            f"({summary['network_rows_per_mask']:.1f} network rows per mask)")
+            f"guidance {summary['guidance']:g}, on {summary['device']} ({summary['precision']}): "
+            f"{summary['masks']} masks, {_rate(summary['masks_per_s'])} masks/s steady over "
+            f"{summary['seconds']:.1f} s + {summary['warmup_seconds']:.1f} s warm-up "
+            f"({summary['network_rows_per_mask']:.1f} network rows per mask, {summary['rows_per_step']} per step)")
     if summary["reused_cases"]:
         lines.append(f"reused {summary['reused_cases']} finished case(s) from {summary['out']}")
+    if summary.get("other_parts_cases"):
+        lines.append(f"assembled with the {summary['other_parts_cases']} case(s) of the other parts")
+    if not summary["assembled"]:
+        if summary.get("assembled_by"):
+            return "\n".join(lines)
+        shown = ", ".join(summary.get("missing_case_ids") or [])
+        if shard["world_size"] > 1:
+            lines.append(f"{summary['missing_cases']} of {summary['n_cases']} case(s) that other ranks sampled are "
+                         f"not in {summary['out']} ({shown}, ...): with several machines, --out must be a folder "
+                         f"they all share; copy their cases/ here and run with --continue (no torchrun) to assemble")
+            return "\n".join(lines)
+        lines.append(
+            f"{summary['missing_cases']} of {summary['n_cases']} case(s) are not in {summary['out']} yet ({shown}"
+            f"{', ...' if summary['missing_cases'] > len(summary.get('missing_case_ids') or []) else ''}): run the "
+            f"other parts with the same arguments (the last to finish assembles samples.npz), or run the same "
+            f"command without --num-parts/--part-id and with --continue to sample what is missing and assemble")
+        return "\n".join(lines)
+    for part in summary["parts"] if len(summary["parts"]) > 1 else []:
+        lines.append(f"  {part['part']}: {part['cases']} case(s) on {part['host']} {part['device']} "
+                     f"({part['device_name']}), {_rate(part['masks_per_s'])} masks/s steady")
     pngs = sum(1 for case in summary["cases"] if case["png"])
+    nifti = summary["files"]["nifti"]
     lines.append(f"wrote {summary['out']}: samples.npz ({summary['n_cases']} scans x {summary['n_samples']} masks), "
-                 f"args.json, summary.json, cases/ ({summary['n_cases']} .npz, {pngs} .png)")
+                 f"summary.json, run.json, args.json, cases/ ({summary['n_cases']} .npz, {pngs} .png, "
+                 f"{summary['n_cases']} folders with maps{', grid.png' if pngs else ''} and case.json)"
+                 + (f", nifti/ ({len(nifti)} files)" if nifti else ""))
+    if summary["metrics"] is not None:
+        mean = summary["metrics"]["mean"]
+        lines.append(f"mean over {summary['metrics']['n_cases']} case(s), N = {summary['n_samples']}: "
+                     + "  ".join(f"{name} {mean[key]:.4f}" for key, name in (
+                         ("ged", "GED"), ("d_max", "D_max"), ("d_a", "D_a"), ("s_c", "S_c"), ("ci", "CI"),
+                         ("hm_iou", "HM-IoU"), ("ddi_e", "DDI_e"), ("ddi_g", "DDI_g"))))
     if summary["has_experts"]:
         lines.append(f"next: ssb-fast evaluate {summary['out']}")
     return "\n".join(lines)
