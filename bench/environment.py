@@ -1,14 +1,16 @@
-"""Where a benchmark ran: the device's name, the versions, how busy the host was; stated in every report."""
+"""Where a benchmark ran: the device's name, the versions, how busy the host was; stated in every report.
+
+The facts come from ssb_fast.run_record, the one place that reads them for run records too.
+"""
 
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
-from ssb_fast.kernels import HAS_TRITON
 
-import ssb_fast
+from ssb_fast.run_record import device_record
+from ssb_fast.run_record import versions as _versions
 
 
 def load_average() -> float | None:
@@ -19,25 +21,14 @@ def load_average() -> float | None:
         return None
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device | str) -> str:
     """torch's name of a CUDA device; the processor's for the CPU."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "cuda (unavailable)"
+    return device_record(device)["name"]
 
 
-def versions() -> dict:
-    triton_version = None
-    if HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__
-    return {"ssb_fast": ssb_fast.__version__, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "python": platform.python_version()}
+def versions(device: torch.device | str | None = None) -> dict:
+    """ssb-fast, Python, torch, triton, numpy, CUDA and, on a GPU, cuDNN and the driver."""
+    return _versions(torch.device(device) if device is not None else None)

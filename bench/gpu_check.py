@@ -104,7 +104,7 @@ def run_gpu_check(out_dir: Path, budget_s: float = 480.0, model: torch.nn.Module
     device = torch.device("cuda")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    report = {"kind": "gpu-check", "device_name": device_name(device), "versions": versions(),
+    report = {"kind": "gpu-check", "device_name": device_name(device), "versions": versions(device),
               "budget_s": budget_s, "steps": {}, "skipped": []}
 
     def left() -> float:

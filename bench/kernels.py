@@ -439,7 +439,7 @@ def run_kernel_bench(sizes: KernelSizes | None = None, device: torch.device | st
         "date": now.date().isoformat(),
         "timestamp": now.isoformat(timespec="seconds"),
         "device": {"spec": str(device), "name": name, "detail": describe_device(device), "load_average_1m": load},
-        "versions": versions(),
+        "versions": versions(device),
         "sizes": asdict(sizes),
         "repeat": repeat,
         "timing": timing_method(device, repeat),

@@ -107,7 +107,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
             row["ged_ratio_all_readers_marked"] = {"ratio": r, "low": lo, "high": hi}
     return {
         "kind": "nfe", "date": _dt.date.today().isoformat(), "device": describe_device(device),
-        "device_name": device_name(device), "versions": versions(), "load_average": load_average(),
+        "device_name": device_name(device), "versions": versions(device), "load_average": load_average(),
         "model": {"preset": net.config.preset, "image_size": net.config.image_size},
         "data": {"source": str(dataset.source), "split_cases": len(dataset), "cases": len(picks),
                  "case_indices": picks, "spread": "evenly over the split" if cases else "the whole split",

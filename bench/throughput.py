@@ -147,7 +147,7 @@ def run_throughput(net: UNet, cases: list[ThroughputCase], device: torch.device 
             rows_out.append(row)
     return {
         "kind": "throughput", "date": _dt.date.today().isoformat(), "device": describe_device(device),
-        "device_name": name, "versions": versions(), "load_average": load_average(),
+        "device_name": name, "versions": versions(device), "load_average": load_average(),
         "model": {"preset": net.config.preset, "image_size": net.config.image_size,
                   "gflop_per_row": flops_per_row / 1e9},
         "rounds": rounds, "compile_ours": compile_ours,
