@@ -27,6 +27,7 @@ from torch import nn
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIN_BUCKET = 8  # the smallest padded row count; tiny first steps share it
+KEPT_CHUNK_SHAPES = 4  # buffer sets (and graphs) kept for reuse; eager runs may see many chunk sizes
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -229,7 +230,7 @@ class StepRunner:
         batch = seeds.shape[0]
         rows = schedule.halves * batch
         key = (rows, tuple(scan_rows.shape[1:]))
-        chunk = self._chunks.get(key)
+        chunk = self._chunks.pop(key, None)
         fresh = chunk is None or chunk.schedule is not schedule
         if fresh:
             chunk = _ChunkBuffers(rows, batch, self.mask_channels, tuple(scan_rows.shape[1:]), self.device,
@@ -245,7 +246,9 @@ class StepRunner:
             if self.cuda_graphs:
                 self._capture(chunk, schedule, scan_rows)
             chunk.schedule = schedule
-            self._chunks[key] = chunk
+        self._chunks[key] = chunk  # most recently used last
+        while len(self._chunks) > KEPT_CHUNK_SHAPES:
+            self._chunks.pop(next(iter(self._chunks)))
 
     @property
     def x0(self) -> torch.Tensor:
