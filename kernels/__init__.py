@@ -12,7 +12,7 @@ import torch
 from ._common import HAS_TRITON, interpreting, triton_backend
 from .bridge_sample import bridge_sample
 from .cfg_step import cfg_step
-from .noise import keyed_randn, noise_seed, noise_seeds, philox4x32, philox_randn
+from .noise import hash_seed, keyed_randn, noise_seed, noise_seeds, philox4x32, philox_randn
 from .pair_counts import pair_counts
 from .pairwise_jsd import pairwise_jsd
 
@@ -26,7 +26,7 @@ def op_backends(device: torch.device | str) -> dict[str, str]:
 
 
 __all__ = [
-    "HAS_TRITON", "OPS", "bridge_sample", "cfg_step", "interpreting", "keyed_randn", "noise_seed",
+    "HAS_TRITON", "OPS", "bridge_sample", "cfg_step", "hash_seed", "interpreting", "keyed_randn", "noise_seed",
     "noise_seeds", "op_backends", "pair_counts", "pairwise_jsd", "philox4x32", "philox_randn",
     "triton_backend",
 ]

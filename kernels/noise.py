@@ -32,13 +32,19 @@ _TWO_PI = 6.283185307179586
 _SEED_MASK = (1 << 63) - 1
 
 
-def noise_seed(run_seed: int, scan_id: str, mask_index: int) -> int:
-    """Stable 63-bit Philox key for one mask: blake2b over (run seed, scan id, mask index).
+def hash_seed(*parts) -> int:
+    """A stable 63-bit seed from any parts: blake2b over their str() joined by \\x1f.
 
-    Never Python's `hash()`, which is salted per process.
+    Never Python's `hash()`, which is salted per process. The one seed hash of the project: the noise
+    keys below and every random choice of training (ssb_fast.train) derive from it.
     """
-    key = f"{int(run_seed)}\x1f{scan_id}\x1f{int(mask_index)}".encode()
+    key = "\x1f".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & _SEED_MASK
+
+
+def noise_seed(run_seed: int, scan_id: str, mask_index: int) -> int:
+    """Stable 63-bit Philox key for one mask: `hash_seed(run seed, scan id, mask index)`."""
+    return hash_seed(int(run_seed), scan_id, int(mask_index))
 
 
 def noise_seeds(

@@ -6,8 +6,8 @@ For scan b with K binary masks of P pixels (rows x_i in {0,1}^P):
 
 Every pair metric of a set of masks derives from G: |a ∪ b| = |a| + |b| - |a ∩ b|, IoU, Dice, and so
 GED, D_max, D_a, HM-IoU and DDI. The kernel computes G with `tl.dot` on 0/1 fp16 tiles (exact
-operands) and fp32 accumulation. An fp32 sum of integers is exact while it stays below 2**24, so
-each fp32 partial covers at most FLUSH_PIXELS = 2**24 pixels before it is flushed into an int64
+operands) and fp32 accumulation. An fp32 sum of integers is exact while it stays at most 2**24, so
+each fp32 accumulator covers at most FLUSH_PIXELS = 2**24 pixels before it is flushed into an int64
 total: the counts are exact for any P. The result is int64.
 """
 
@@ -95,8 +95,11 @@ if HAS_TRITON:
                 p_off = p.to(tl.int64)[None, :] * x_sp
                 a = tl.load(base + off_i + p_off, mask=in_i[:, None] & in_p, other=0).to(tl.float16)
                 c = tl.load(base + off_j + p_off, mask=in_j[:, None] & in_p, other=0).to(tl.float16)
-                # A fresh dot per chunk sums at most BLOCK_P products, so exactness never depends on
-                # the width of the tensor cores' internal accumulator; the running sum is a plain fp32 add.
+                # Triton folds `acc += dot` into the dot's accumulator operand (tl.dot(a, b, acc)), so the
+                # running sum is made by the MMA itself, not by a separate fp32 add. Still exact: every addend
+                # (a 0/1 product, or acc) is an integer and every partial sum is at most FLUSH <= 2**24, so an
+                # adder at least fp32-wide that aligns to its largest addend and truncates (as tensor cores do)
+                # never drops a unit bit. FLUSH, not BLOCK_P, is what bounds the sum.
                 acc += tl.dot(a, tl.trans(c))
             total += acc.to(tl.int64)
 

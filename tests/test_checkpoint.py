@@ -103,7 +103,8 @@ def test_train_state_round_trip(tmp_path):
         model(torch.randn(2, 2, 16, 16), torch.tensor([3.0, 700.0]), torch.tensor([0, 4])).square().mean().backward()
         opt.step()
     path = tmp_path / "train_state.safetensors"
-    ckpt.save_train_state(path, opt, step=2, extra={"world_size": 1})
+    ckpt.save_resume_point(tmp_path / "model.safetensors", path, model.state_dict(), model.state_dict(),
+                           {"model": model.config.to_dict()}, opt, step=2, extra={"world_size": 1})
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step, extra = ckpt.load_train_state(path, fresh)
     assert step == 2 and extra == {"world_size": 1}
@@ -135,3 +136,92 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         write_run_model(path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+def test_foreign_tensors_are_counted_and_named(tmp_path):
+    """Right metadata, someone else's tensors: every one of them is unexpected, and every weight is missing."""
+    path = tmp_path / "model.safetensors"
+    model = tiny_model()
+    meta = {"format": ckpt.MODEL_FORMAT, "schema": str(ckpt.SCHEMA), "ssb_fast_version": "0",
+            "config": json.dumps({"model": model.config.to_dict()})}
+    save_file({f"encoder.layer.{i:03d}.weight": torch.zeros(2) for i in range(300)}, str(path), metadata=meta)
+    n_weights = len(model.state_dict())
+    with pytest.raises(ckpt.CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert f"{n_weights} missing (ema." in message
+    assert "300 unexpected (encoder.layer.000.weight, encoder.layer.001.weight" in message
+    assert "(295 more)" in message
+
+
+def test_weights_of_another_shape_are_a_checkpoint_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    model = tiny_model()
+    state = dict(model.state_dict())
+    name = next(k for k, v in state.items() if v.dim() == 4)
+    state[name] = torch.zeros(1, 1, 1, 1)
+    ckpt.save_model_checkpoint(path, state, state, {"model": model.config.to_dict()})
+    with pytest.raises(ckpt.CheckpointError, match=rf"1 of another shape \({name} \(1, 1, 1, 1\) in the file"):
+        load_model(path)
+
+
+def test_checkpoint_error_survives_pickling():
+    """Under torchrun, rank 0's error reaches the other ranks as a pickled object."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ckpt.CheckpointError("/run/model.safetensors", "truncated")))
+    assert isinstance(err, ckpt.CheckpointError) and str(err) == "/run/model.safetensors: truncated"
+    assert err.path == "/run/model.safetensors"
+
+
+def _resume_point(tmp_path, step, monkeypatch=None, cut_after_first_rename=False):
+    model, ema = tiny_model(step), tiny_model(step + 100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    paths = tmp_path / "model.safetensors", tmp_path / "train_state.safetensors"
+    if cut_after_first_rename:
+        real = atomic.commit_file
+
+        def commit_once(tmp, final):
+            if final.name == "train_state.safetensors":
+                raise KeyboardInterrupt
+            real(tmp, final)
+
+        monkeypatch.setattr(atomic, "commit_file", commit_once)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_resume_point(*paths, model.state_dict(), ema.state_dict(), {"model": model.config.to_dict()},
+                                   opt, step)
+        monkeypatch.undo()
+    else:
+        ckpt.save_resume_point(*paths, model.state_dict(), ema.state_dict(), {"model": model.config.to_dict()},
+                               opt, step)
+    return paths
+
+
+def test_a_save_cut_between_its_two_renames_is_finished(tmp_path, monkeypatch):
+    model_path, state_path = _resume_point(tmp_path, 3)
+    assert ckpt.settle_resume_point(model_path, state_path) == 3
+    _resume_point(tmp_path, 6, monkeypatch, cut_after_first_rename=True)
+    assert ckpt.read_checkpoint(model_path, ckpt.MODEL_FORMAT)[1]["config"]["step"] == 6
+    assert ckpt.read_checkpoint(state_path, ckpt.TRAIN_STATE_FORMAT)[1]["step"] == "3"
+    (tmp_path / ".train_state.safetensors-cut.tmp").write_bytes(b"\x10\x00")  # a staged file cut short
+    assert ckpt.settle_resume_point(model_path, state_path) == 6
+    assert ckpt.read_checkpoint(state_path, ckpt.TRAIN_STATE_FORMAT)[1]["step"] == "6"
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "train_state.safetensors"]
+
+
+def test_a_first_save_cut_between_its_renames_is_finished(tmp_path, monkeypatch):
+    model_path, state_path = _resume_point(tmp_path, 3, monkeypatch, cut_after_first_rename=True)
+    assert not state_path.exists()
+    assert ckpt.settle_resume_point(model_path, state_path) == 3
+    assert ckpt.read_checkpoint(state_path, ckpt.TRAIN_STATE_FORMAT)[1]["step"] == "3"
+
+
+def test_a_pair_that_cannot_be_matched_is_refused(tmp_path, monkeypatch):
+    model_path, state_path = _resume_point(tmp_path, 3)
+    _resume_point(tmp_path, 6, monkeypatch, cut_after_first_rename=True)
+    atomic.remove_staged(state_path)
+    with pytest.raises(ckpt.CheckpointError, match="holds step 3 but model.safetensors holds step 6"):
+        ckpt.settle_resume_point(model_path, state_path)
+    state_path.unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint file but model.safetensors holds step 6"):
+        ckpt.settle_resume_point(model_path, state_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssb_fast.data.filters import dilate, gaussian_blur, gaussian_kernel, resize_bilinear, smooth_noise
+from ssb_fast.data.filters import dilate, gaussian_blur, gaussian_kernel, smooth_noise
 from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
 
 
@@ -54,8 +54,6 @@ def test_filters():
     mask = np.zeros((9, 9), bool)
     mask[4, 4] = True
     assert dilate(mask, 2).sum() == 13  # a disc of radius 2
-    ramp = np.arange(4, dtype=np.float32)[None].repeat(4, 0)
-    np.testing.assert_allclose(resize_bilinear(ramp, (4, 8))[0], [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0])
 
 
 def _outer_padded(k: np.ndarray, n: int) -> np.ndarray:

@@ -69,3 +69,14 @@ def test_different_keys_and_steps_give_uncorrelated_standard_normals():
     assert off_diag.abs().max() < 0.03, corr
     # tail mass of a standard normal: P(|z| > 2) = 4.55%
     assert abs((z.abs() > 2).float().mean().item() - 0.0455) < 0.004
+
+
+def test_one_seed_hash_for_noise_and_training():
+    """Training's seeds (batches, draws, dropout) and the noise keys come from the one hash in kernels/noise.py."""
+    from ssb_fast.train import batches, loop
+
+    assert batches.hash_seed is noise.hash_seed and loop.hash_seed is noise.hash_seed
+    assert noise.hash_seed(123, "LIDC-0001", 5) == noise.noise_seed(123, "LIDC-0001", 5)
+    key = b"3\x1fepoch\x1f0"
+    assert noise.hash_seed(3, "epoch", 0) == int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(),
+                                                            "little") & (2**63 - 1)

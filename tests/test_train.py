@@ -90,10 +90,15 @@ def test_stream_covers_each_epoch_and_splits_ranks():
 
 
 def test_resume_continues_bit_for_bit(synthetic_dir, tmp_path):
-    straight = train(tiny_config(synthetic_dir, tmp_path / "straight", steps=20), progress=False)
+    """A run of 10 steps resumed with the target raised to 20 equals a run of 20. A cosine schedule would change
+    with the target (it decays towards --steps), so this one is constant; tests/test_train_faults.py resumes
+    cosine runs stopped short of an unchanged target."""
+    straight = train(tiny_config(synthetic_dir, tmp_path / "straight", steps=20, lr_schedule="constant"),
+                     progress=False)
     half = tmp_path / "split"
     result = runner.invoke(app, ["train", "--data", str(synthetic_dir), "--out", str(half), "--preset", "tiny",
                                  "--steps", "10", "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "5",
+                                 "--lr-schedule", "constant",
                                  "--log-every", "5", "--save-every", "10", "--val-every", "0", "--seed", "3",
                                  "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -220,3 +225,150 @@ def test_validation_protocol_logs_references_and_keeps_the_best_checkpoint(synth
     from ssb_fast.data import load
 
     assert validation_cases(load(synthetic_dir, "val"), 4) != [0, 1, 2, 3]  # spread, not the first four
+
+
+def _cli_run(data, out, *extra):
+    return runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--steps", "2",
+                               "--batch-size", "2", "--val-every", "0", "--device", "cpu", "--threads", "1",
+                               "--no-progress", *extra])
+
+
+def test_a_run_that_never_saved_says_so_and_starts_again_on_the_same_out(synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    assert _cli_run(synthetic_dir, run).exit_code == 0
+    for name in ("model.safetensors", "train_state.safetensors"):  # as if killed before its first save
+        (run / name).unlink()
+    resumed = runner.invoke(app, ["train", "--resume", str(run), "--no-progress"])
+    assert resumed.exit_code == 2, resumed.output
+    assert "never saved a checkpoint" in resumed.output and "start it again with the same --out" in resumed.output
+    assert "no such checkpoint file" not in resumed.output
+    again = _cli_run(synthetic_dir, run)
+    assert again.exit_code == 0, again.output
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in lines if "event" in x] == ["start"], "one run, one start line"
+    assert lines[0]["kept_aside"] == ["log.unsaved-1.jsonl"]
+    assert (run / "log.unsaved-1.jsonl").read_text().count('"start"') == 1
+    refused = _cli_run(synthetic_dir, run)  # this one saved: the folder is taken
+    assert refused.exit_code == 2 and "already holds a run" in refused.output and "--resume" in refused.output
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holder_leaves_no_lock(synthetic_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from ssb_fast import run_lock
+    from ssb_fast.run_lock import FolderBusyError, RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        busy = _cli_run(synthetic_dir, run)
+        assert busy.exit_code == 2, busy.output
+        assert f"is in use by another ssb-fast train (pid {os.getpid()} on" in busy.output
+    assert _cli_run(synthetic_dir, run).exit_code == 0
+    with RunLock(run):
+        busy = runner.invoke(app, ["train", "--resume", str(run), "--steps", "3", "--no-progress"])
+        assert busy.exit_code == 2 and "in use by another" in busy.output
+    # A holder killed with SIGKILL: the kernel drops its lock; only the file stays.
+    holder = subprocess.Popen([sys.executable, "-c", "import importlib.util, sys, time\n"
+                               f"spec = importlib.util.spec_from_file_location('run_lock', {run_lock.__file__!r})\n"
+                               "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+                               f"m.RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError, match=f"pid {holder.pid} on"):
+            RunLock(run).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (run / run_lock.LOCK_FILE).exists()
+    RunLock(run).acquire().release()
+    assert runner.invoke(app, ["train", "--resume", str(run), "--steps", "3", "--no-progress"]).exit_code == 0
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGINT"])
+def test_a_stop_signal_finishes_the_step_saves_and_exits_with_128_plus_the_signal(synthetic_dir, tmp_path,
+                                                                                 monkeypatch, signame):
+    import signal
+
+    from ssb_fast.train import loop
+
+    from ssb_fast.checkpoint import TRAIN_STATE_FORMAT, read_checkpoint
+
+    signum = getattr(signal, signame)
+    real = loop.learning_rate
+
+    def signal_at_step_3(cfg, step):
+        if step == 3:
+            os.kill(os.getpid(), signum)  # arrives in the middle of step 3
+        return real(cfg, step)
+
+    monkeypatch.setattr(loop, "learning_rate", signal_at_step_3)
+    unhandled = []
+    fallback = lambda *args: unhandled.append(signame)  # so that a run that ignores the signal fails cleanly
+    previous = signal.signal(signum, fallback)
+    try:
+        run = tmp_path / "run"
+        result = _cli_run(synthetic_dir, run, "--steps", "10", "--save-every", "1000", "--save-minutes", "0")
+        assert signal.getsignal(signum) is fallback, "training puts the previous handler back"
+    finally:
+        signal.signal(signum, previous)
+    assert not unhandled, "training did not handle the signal"
+    assert result.exit_code == 128 + signum, result.output
+    assert f"stopped by {signame} after step 4, saved" in result.output
+    assert read_checkpoint(run / "train_state.safetensors", TRAIN_STATE_FORMAT)[1]["step"] == "4"
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert last == {"event": "stopped", "step": 4, "signal": signame}
+
+
+def test_save_minutes_saves_on_the_clock(synthetic_dir, tmp_path, monkeypatch):
+    from ssb_fast.train import loop
+
+    saves = []
+    real = loop.save_resume_point
+    monkeypatch.setattr(loop, "save_resume_point", lambda *a, **k: (saves.append(a[6]), real(*a, **k)))
+    train(tiny_config(synthetic_dir, tmp_path / "a", steps=4, save_every=1000, save_minutes=1e-9), progress=False)
+    assert saves == [1, 2, 3, 4]  # every step is past the (tiny) interval
+    saves.clear()
+    train(tiny_config(synthetic_dir, tmp_path / "b", steps=4, save_every=1000, save_minutes=0), progress=False)
+    assert saves == [4]
+    with pytest.raises(ValueError, match="save_minutes"):
+        tiny_config(synthetic_dir, tmp_path / "c", save_minutes=-1).check()
+
+
+def test_resume_drops_a_log_line_cut_by_a_kill(synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    assert _cli_run(synthetic_dir, run).exit_code == 0
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 0.1')
+    assert runner.invoke(app, ["train", "--resume", str(run), "--steps", "3", "--no-progress"]).exit_code == 0
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x.get("event") for x in lines if "event" in x] == ["start", "resume"]
+
+
+def _ddp_refused_worker(rank, world, port, data, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(tiny_config(data, out, steps=2, batch_size=2), progress=False)
+        message = "trained"
+    except FileExistsError as err:
+        message = f"{type(err).__name__}: {err}"
+    with open(os.path.join(result_dir, f"{rank}.txt"), "w") as fh:
+        fh.write(message)
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_gets_rank_0s_refusal(synthetic_dir, tmp_path):
+    """Rank 0 alone checks and locks the folder; its refusal reaches every rank instead of leaving the others
+    waiting at a collective."""
+    out, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    train(tiny_config(synthetic_dir, out, steps=2, batch_size=2), progress=False)
+    mp.start_processes(_ddp_refused_worker, args=(2, _free_port(), str(synthetic_dir), str(out), str(results)),
+                       nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        assert "FileExistsError" in (results / f"{rank}.txt").read_text()
+        assert "already holds a run" in (results / f"{rank}.txt").read_text()

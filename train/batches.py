@@ -7,9 +7,8 @@ pure function of (seed, step, rank, world size), so resuming at step s needs no 
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+from ssb_fast.kernels.noise import hash_seed
 
 
 class ShuffledStream:
@@ -30,9 +29,3 @@ class ShuffledStream:
     def batch_indices(self, step: int, batch: int, rank: int = 0, world: int = 1) -> list[int]:
         start = (step * world + rank) * batch
         return [int(self._perm(p // self.n_items)[p % self.n_items]) for p in range(start, start + batch)]
-
-
-def hash_seed(*parts) -> int:
-    """A stable 63-bit seed from any parts (blake2b; never Python's salted hash())."""
-    key = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)

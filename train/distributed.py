@@ -59,3 +59,31 @@ def mean_across_ranks(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= ctx.world_size
     return values
+
+
+def max_across_ranks(ctx: DistContext, *values: float) -> list[float]:
+    """Each value's maximum over ranks: how ranks agree to stop or save at the same step. A no-op on one
+    process; one small all-reduce (and host sync) per call under DDP."""
+    if not ctx.distributed:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def run_on_main(ctx: DistContext, fn):
+    """Run `fn()` on rank 0 only and give every rank its result, or raise its exception on every rank, so
+    that no rank waits forever at a collective that a failed rank 0 never reaches."""
+    if not ctx.distributed:
+        return fn()
+    box = [None]
+    if ctx.is_main:
+        try:
+            box[0] = (fn(), None)
+        except Exception as err:
+            box[0] = (None, err)
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result

@@ -4,6 +4,11 @@ A run folder holds `config.json` (the resolved settings), `model.safetensors` (w
 config), `train_state.safetensors` (optimizer, step, RNG) and `log.jsonl` (one line per log interval).
 Every random choice of step s on rank r comes from seeds hashed from (seed, s, r), so a run resumed at
 step s continues bit for bit as if it had never stopped.
+
+The run saves every `save_every` steps and every `save_minutes` of wall-clock time. Ctrl-C, SIGTERM and
+SIGUSR1 (how Slurm and Kubernetes stop or pre-empt a job) finish the current step, save and stop; the
+command line then exits with 128 + the signal's number. While it runs, the process holds an exclusive
+lock on the folder (ssb_fast.run_lock), so a second run on the same folder is refused.
 """
 
 from __future__ import annotations
@@ -19,31 +24,43 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from ssb_fast.train.batches import ShuffledStream, hash_seed
-from ssb_fast.train.distributed import DistContext, barrier, init_distributed, mean_across_ranks, shutdown
+from ssb_fast.kernels.noise import hash_seed
+from ssb_fast.train.batches import ShuffledStream
+from ssb_fast.train.distributed import (
+    DistContext,
+    barrier,
+    init_distributed,
+    max_across_ranks,
+    mean_across_ranks,
+    run_on_main,
+    shutdown,
+)
 from ssb_fast.train.ema import EMA
 from ssb_fast.train.loss import draw, ssb_loss
 from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel
 
 from ssb_fast import __version__
-from ssb_fast.atomic import write_json_atomic
+from ssb_fast.atomic import remove_staged, write_json_atomic
 from ssb_fast.bridge import Bridge
 from ssb_fast.checkpoint import (
     MODEL_FORMAT,
     load_train_state,
+    load_weights,
     read_checkpoint,
     save_model_checkpoint,
-    save_train_state,
-    split_prefix,
+    save_resume_point,
+    settle_resume_point,
 )
 from ssb_fast.model import UNet, UNetConfig
 from ssb_fast.progress import progress_bar
+from ssb_fast.run_lock import RunLock
 
 CONFIG_FILE, MODEL_FILE, STATE_FILE, LOG_FILE = "config.json", "model.safetensors", "train_state.safetensors", \
     "log.jsonl"
 BEST_FILE = "best.safetensors"  # the EMA weights of the validation with the lowest GED
 LR_SCHEDULES = ("constant", "cosine")
+AGREE_EVERY = 10  # under DDP, steps between the ranks' agreement on a signal or a timed save
 MIN_LR_RATIO = 0.05  # cosine decays to this fraction of the peak
 
 
@@ -83,6 +100,7 @@ class TrainConfig:
     val_samples: int = 16
     log_every: int = 25
     save_every: int = 1000
+    save_minutes: float = 10.0
     seed: int = 0
     device: str = "auto"
     compile: bool | None = None
@@ -100,6 +118,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not (self.save_minutes >= 0 and math.isfinite(self.save_minutes)):
+            raise ValueError(f"save_minutes must be a number >= 0 (0 = off); got {self.save_minutes}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number; got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -132,28 +152,36 @@ class TrainResult:
     stopped_early: bool = False
     rank: int = 0
     last_val: dict = field(default_factory=dict)
+    stop_signal: int | None = None  # the signal that stopped the run early (SIGINT, SIGTERM, SIGUSR1)
+
+
+# Ctrl-C; what Slurm and Kubernetes send to stop or pre-empt a job (Slurm's --signal sends SIGUSR1 ahead).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
 class _StopFlag:
-    """Ctrl-C finishes the current step, saves, and stops: no half-updated weights on disk."""
+    """Ctrl-C, SIGTERM or SIGUSR1 finish the current step, save, and stop: no half-updated weights on disk."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.signum: int | None = None  # the first stop signal received
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:  # a second Ctrl-C stops at once; a repeated SIGTERM waits for the save
             raise KeyboardInterrupt
-        self.requested = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old.clear()
 
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -225,18 +253,89 @@ def build_model_config(cfg: TrainConfig, dataset) -> UNetConfig:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or, with `resume`, continue) the run in `cfg.out`. Works under torchrun as well."""
+    """Train (or, with `resume`, continue) the run in `cfg.out`. Works under torchrun as well.
+
+    Refuses (FileExistsError) a folder that holds a saved run unless `resume`, and a folder another live
+    process is training in (run_lock.FolderBusyError); `resume` on a run that never saved raises
+    NeverSavedError (a FileNotFoundError) saying that starting it afresh is safe.
+    """
     from ssb_fast.data import load as load_dataset
 
     cfg.check()
     ctx = init_distributed(cfg.device)
+    locks: list[RunLock] = []
     try:
-        return _train(cfg, ctx, resume, progress, load_dataset)
+        claim = run_on_main(ctx, lambda: _claim_folder(Path(cfg.out), resume, locks))
+        return _train(cfg, ctx, resume, progress, load_dataset, claim)
     finally:
+        for lock in locks:
+            lock.release()
         shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, load_dataset) -> TrainResult:
+class NeverSavedError(FileNotFoundError):
+    """--resume on a run folder without a checkpoint: nothing to resume, and nothing to lose by starting again."""
+
+
+def _claim_folder(run_dir: Path, resume: bool, locks: list[RunLock]) -> dict:
+    """Lock the run folder (the lock goes into `locks`) and make it ready: for a resume, settle the
+    checkpoint pair that a crash may have left a save apart and drop a log line cut short; for a new run,
+    refuse a folder with a saved run and keep aside the log of one that never saved. Removes files that
+    interrupted atomic writes staged. Returns what the start line of the log should record."""
+    if resume and not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / CONFIG_FILE}: no run config (is {run_dir} a training run folder?)")
+    locks.append(RunLock(run_dir).acquire())
+    model_path, state_path = run_dir / MODEL_FILE, run_dir / STATE_FILE
+    for name in (CONFIG_FILE, BEST_FILE):
+        remove_staged(run_dir / name)
+    if resume:
+        present = [p for p in (model_path, state_path) if p.exists()]
+        if not present:
+            remove_staged(model_path)
+            remove_staged(state_path)
+            raise NeverSavedError(
+                f"{run_dir} never saved a checkpoint (it stopped before its first save), so there is nothing "
+                f"to resume and nothing to lose: start it again with the same --out (ssb-fast train --data DIR "
+                f"--out {run_dir} ...); its log is kept aside")
+        settle_resume_point(model_path, state_path)
+        _drop_partial_line(run_dir / LOG_FILE)
+        return {}
+    if model_path.exists() or state_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                              f"or choose another --out")
+    remove_staged(model_path)
+    remove_staged(state_path)
+    kept = _keep_aside_unsaved(run_dir)
+    return {"kept_aside": kept} if kept else {}
+
+
+def _keep_aside_unsaved(run_dir: Path) -> list[str]:
+    """Rename the log (and best checkpoint) of an earlier run in `run_dir` that never saved to
+    `<stem>.unsaved-K<suffix>`, so that a new run starts its own log instead of appending a second one."""
+    names = [n for n in (LOG_FILE, BEST_FILE) if (run_dir / n).exists()]
+    if not names:
+        return []
+    k = 1
+    aside = lambda name, k: f"{Path(name).stem}.unsaved-{k}{Path(name).suffix}"
+    while any((run_dir / aside(n, k)).exists() for n in (LOG_FILE, BEST_FILE)):
+        k += 1
+    for name in names:
+        os.replace(run_dir / name, run_dir / aside(name, k))
+    return [aside(n, k) for n in names]
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last log line that a kill left without its newline, so the resumed run's lines stay JSON."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, load_dataset,
+           claim: dict) -> TrainResult:
     device = ctx.device
     on_cuda = device.type == "cuda"
     use_amp = on_cuda if cfg.amp is None else cfg.amp
@@ -269,17 +368,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
 
     start_step = 0
     if resume:
-        tensors, _ = read_checkpoint(run_dir / MODEL_FILE, MODEL_FORMAT)
-        model.load_state_dict(split_prefix(tensors, "model."))
-        ema.load_state_dict(split_prefix(tensors, "ema."))
+        model_path = run_dir / MODEL_FILE
+        tensors, _ = read_checkpoint(model_path, MODEL_FORMAT)
+        load_weights(model, tensors, "model.", model_path)
+        load_weights(ema, tensors, "ema.", model_path)
         start_step, _ = load_train_state(run_dir / STATE_FILE, optimizer)
-    elif ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / MODEL_FILE).exists() or (run_dir / STATE_FILE).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                                  f"or choose another --out")
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / CONFIG_FILE, run_config, sort_keys=True)
 
     net = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None) if ctx.distributed \
@@ -300,14 +394,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
          "world_size": ctx.world_size, "batch_per_process": cfg.batch_size, "effective_batch": effective_batch,
          "device": str(device), "amp_bf16": use_amp, "compile": use_compile, "deterministic": cfg.deterministic,
          "data_on_device": batches.on_device, "cpu_threads": torch.get_num_threads(),
-         "parameters": sum(p.numel() for p in model.parameters()), "time": time.time()})
+         "parameters": sum(p.numel() for p in model.parameters()), "time": time.time(), **claim})
+
+    saved = {"at": time.monotonic()}
 
     def save(step: int) -> None:
         if ctx.is_main:
             run_config["step"] = step
-            save_model_checkpoint(run_dir / MODEL_FILE, model.state_dict(), ema.state_dict(), run_config)
-            save_train_state(run_dir / STATE_FILE, optimizer, step, {"world_size": ctx.world_size})
+            save_resume_point(run_dir / MODEL_FILE, run_dir / STATE_FILE, model.state_dict(), ema.state_dict(),
+                              run_config, optimizer, step, {"world_size": ctx.world_size})
         barrier(ctx)
+        saved["at"] = time.monotonic()
 
     sums = torch.zeros(4, device=device)  # loss, mse, dice_loss, grad_norm since the last log line
     count, last_log, last_val, t_last = 0, {}, {}, time.perf_counter()
@@ -316,7 +413,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
         references = validation_references(val_set, cfg.val_scans, cfg.val_samples, cfg.seed)
         log({"event": "references", **{k: v for k, v in references.items() if not k.endswith("_per_scan")}})
     step = start_step
-    stopped_early = False
+    stopped_early, stop_signal = False, None
+    save_seconds = cfg.save_minutes * 60
     model.train()
     with _StopFlag() as stop, progress_bar("train", cfg.steps, progress and ctx.is_main,
                                            fields="loss {task.fields[loss]}") as advance:
@@ -340,6 +438,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
             step += 1
             sums += torch.stack([parts.loss.detach(), parts.mse, parts.dice_loss, grad_norm.detach()]).float()
             count += 1
+            # Every rank must stop, and save, at the same step: under DDP they agree through one small
+            # all-reduce (a host sync), held to every AGREE_EVERY steps so the step loop keeps its pipeline.
+            signum, time_due = 0, False
+            if not ctx.distributed or step % AGREE_EVERY == 0 or step == cfg.steps:
+                signum, time_due = max_across_ranks(
+                    ctx, stop.signum or 0, save_seconds > 0 and time.monotonic() - saved["at"] >= save_seconds)
+            stopping = signum > 0
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 means = (mean_across_ranks(ctx, sums) / count).tolist()
@@ -352,7 +457,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
                 count, t_last = 0, now
                 advance(0, loss=f"{means[0]:.4f}")
             if (val_set is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps)
-                    and ctx.is_main):
+                    and ctx.is_main and not stopping):  # a stop saves first: a scheduler's grace period is short
                 scores = validate(ema.shadow, bridge, val_set, cfg.val_scans, cfg.val_samples, cfg.nfe_val,
                                   seed=cfg.seed, device=device, references=references)
                 last_val = {"step": step, **scores}
@@ -362,12 +467,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
                     save_model_checkpoint(run_dir / BEST_FILE, model.state_dict(), ema.state_dict(),
                                           {**run_config, "step": step, "val": scores})
                 model.train()
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.steps or time_due or stopping:
                 save(step)
             advance(1)
-            if stop.requested:
-                save(step)
-                stopped_early = step < cfg.steps
-                log({"event": "stopped", "step": step})
+            if stopping and step < cfg.steps:
+                stopped_early, stop_signal = True, int(signum)
+                log({"event": "stopped", "step": step, "signal": signal.Signals(stop_signal).name})
                 break
-    return TrainResult(step, run_dir, model, ema, last_log, stopped_early, ctx.rank, last_val)
+    return TrainResult(step, run_dir, model, ema, last_log, stopped_early, ctx.rank, last_val, stop_signal)

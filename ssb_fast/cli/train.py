@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Annotated
 
 import typer
@@ -10,7 +11,8 @@ import typer
 from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, ThreadsOption, app, fail, print_json
 
 # Settings that may change when a run is resumed; anything else would silently break the run's recipe.
-RESUMABLE = {"steps", "log_every", "val_every", "save_every", "device", "compile", "amp", "deterministic"}
+RESUMABLE = {"steps", "log_every", "val_every", "save_every", "save_minutes", "device", "compile", "amp",
+             "deterministic"}
 
 
 def _d(name: str):
@@ -75,6 +77,10 @@ def train(
                                                      f"(default {_d('log_every')}).")] = None,
     save_every: Annotated[int | None, typer.Option(min=1, help=f"Steps per checkpoint "
                                                       f"(default {_d('save_every')}).")] = None,
+    save_minutes: Annotated[float | None, typer.Option(
+        min=0.0, metavar="M", help=f"Also save every M minutes of wall-clock time, so that a hard kill (SIGKILL, "
+                                   f"a lost node) costs at most M minutes; 0 = off "
+                                   f"(default {_d('save_minutes'):g}).")] = None,
     base_channels: Annotated[int | None, typer.Option(min=1, help="Override the preset's base channels.")] = None,
     dropout: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Override the preset's dropout.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every random choice (default 0).")] = None,
@@ -94,9 +100,10 @@ def train(
     """Train an SSB / SSB++ model: I2SB bridge loss with expert labels, CFG label dropout and a Dice term.
 
     Writes RUN/config.json, RUN/model.safetensors (weights + EMA), RUN/train_state.safetensors
-    (optimizer, step, RNG) and RUN/log.jsonl. Ctrl-C finishes the step, saves and stops; --resume RUN
-    continues bit for bit. Under torchrun every process trains (DDP: NCCL on CUDA, gloo on CPU) and
-    only rank 0 writes.
+    (optimizer, step, RNG) and RUN/log.jsonl. Ctrl-C, SIGTERM or SIGUSR1 finish the step, save and stop
+    with exit code 130, 143 or 138 (128 + the signal); --resume RUN continues bit for bit. A folder that
+    holds a saved run, or that another run is writing, is refused (exit 2). Under torchrun every process
+    trains (DDP: NCCL on CUDA, gloo on CPU) and only rank 0 writes.
     """
     from ssb_fast.checkpoint import CheckpointError
     from ssb_fast.data import DataFormatError
@@ -110,8 +117,9 @@ def train(
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond,
         lr_schedule=lr_schedule,
         lambda_dice=lambda_dice, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
-        val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every, seed=seed,
-        compile=compile, amp=amp, deterministic=deterministic).items() if v is not None}
+        val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every,
+        save_minutes=save_minutes, seed=seed, compile=compile, amp=amp,
+        deterministic=deterministic).items() if v is not None}
     overrides = {k: v for k, v in (("base_channels", base_channels), ("dropout", dropout)) if v is not None}
     if device != "auto":
         given["device"] = device
@@ -137,9 +145,11 @@ def train(
         fail(str(err), ExitCode.BAD_CHECKPOINT)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
+    stop_code = 128 + (result.stop_signal or signal.SIGINT)  # the shell's code for "ended by that signal"
     if result.rank != 0:  # under torchrun only rank 0 reports
-        raise typer.Exit(130 if result.stopped_early else 0)
+        raise typer.Exit(stop_code if result.stopped_early else 0)
     summary = {"run": str(result.run_dir), "step": result.step, "stopped_early": result.stopped_early,
+               "stop_signal": signal.Signals(result.stop_signal).name if result.stop_signal else None,
                "train": result.last_log, "val": result.last_val}
     if json_out:
         print_json(summary)
@@ -157,4 +167,7 @@ def train(
         typer.echo(f"run folder: {result.run_dir} (config.json, model.safetensors, train_state.safetensors, "
                    f"log.jsonl)")
     if result.stopped_early:
-        raise typer.Exit(130)
+        name = signal.Signals(result.stop_signal or signal.SIGINT).name
+        typer.echo(f"stopped by {name} after step {result.step}, saved; continue with: ssb-fast train --resume "
+                   f"{result.run_dir}", err=True)
+        raise typer.Exit(stop_code)

@@ -1,4 +1,4 @@
-"""Small numpy image filters (Gaussian blur, binary dilation, bilinear resize) so the data code needs no
+"""Small numpy image filters (Gaussian blur, smooth noise, binary dilation) so the data code needs no
 SciPy."""
 
 from __future__ import annotations
@@ -61,17 +61,3 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
             if dr * dr + dc * dc <= radius * radius:
                 out |= padded[..., radius + dr : radius + dr + h, radius + dc : radius + dc + w]
     return out
-
-
-def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize the last two axes to `size` (H, W) by bilinear interpolation (pixel centres aligned)."""
-    image = np.asarray(image, dtype=np.float32)
-    h, w = image.shape[-2:]
-    rows = np.clip((np.arange(size[0]) + 0.5) * h / size[0] - 0.5, 0, h - 1)
-    cols = np.clip((np.arange(size[1]) + 0.5) * w / size[1] - 0.5, 0, w - 1)
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
-    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
-    fr, fc = (rows - r0)[:, None].astype(np.float32), (cols - c0)[None, :].astype(np.float32)
-    top = image[..., r0, :][..., c0] * (1 - fc) + image[..., r0, :][..., c1] * fc
-    bottom = image[..., r1, :][..., c0] * (1 - fc) + image[..., r1, :][..., c1] * fc
-    return top * (1 - fr) + bottom * fr
