@@ -34,3 +34,12 @@ def non_contiguous(x: torch.Tensor) -> torch.Tensor:
     view.copy_(x)
     assert not view.is_contiguous() or x.numel() <= 1
     return view
+
+
+def sample_cli(*args):
+    """`ssb-fast sample ARGS...` through typer's test runner."""
+    from typer.testing import CliRunner
+
+    from ssb_fast.cli import app
+
+    return CliRunner().invoke(app, ["sample", *map(str, args)])

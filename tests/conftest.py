@@ -44,3 +44,18 @@ def triton_device() -> str:
     if not interpreting():
         skip("no GPU and TRITON_INTERPRET is off")
     return "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny model trained for two steps on 32x32 synthetic scans, and its dataset (12 cases, 8 of them in
+    train): (run folder, data folder). Shared read-only by the sampling and bench tests."""
+    from ssb_fast.train.loop import TrainConfig, train
+
+    from ssb_fast.data import write_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_synthetic(root / "data", n_cases=12, size=32, seed=0)
+    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
+                      seed=0, device="cpu"), progress=False)
+    return root / "run", data

@@ -5,28 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-from ssb_fast.train.loop import TrainConfig, train
 from typer.testing import CliRunner
 
 from ssb_fast.cli import app
-from ssb_fast.data import write_synthetic
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    data = write_synthetic(root / "data", n_cases=40, size=32, seed=0)
-    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
-                      seed=0, device="cpu"), progress=False)
-    return root / "run", data
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    return tiny_run
 
 
 def test_bench_nfe_writes_the_table_the_references_and_the_plot(run, tmp_path):
     run_dir, data = run
     out = tmp_path / "nfe"
-    result = runner.invoke(app, ["bench", "nfe", "--model", str(run_dir), "--data", str(data), "--split", "test",
+    result = runner.invoke(app, ["bench", "nfe", "--model", str(run_dir), "--data", str(data), "--split", "train",
                                  "--nfe", "2,1", "-n", "3", "--cases", "4", "--device", "cpu", "--out", str(out),
                                  "--no-progress"])
     assert result.exit_code == 0, result.output

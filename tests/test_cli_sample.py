@@ -7,12 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from _helpers import sample_cli
 from PIL import Image
-from ssb_fast.train.loop import TrainConfig, train
 from typer.testing import CliRunner
 
 from ssb_fast.cli import app
-from ssb_fast.data import write_synthetic
 from ssb_fast.sampler import Sampler
 from ssb_fast.samples_io import read_samples_npz
 
@@ -20,18 +19,12 @@ runner = CliRunner()
 FAST = ["--n-samples", "4", "--nfe", "3", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model trained for two steps on 32x32 synthetic scans, and its dataset (8 training cases)."""
-    root = tmp_path_factory.mktemp("cli_sample")
-    data = write_synthetic(root / "data", n_cases=12, size=32, seed=0)
-    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
-                      seed=0, device="cpu"), progress=False)
-    return root / "run", data
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    return tiny_run
 
 
-def sample(*args: str):
-    return runner.invoke(app, ["sample", *map(str, args)])
+sample = sample_cli
 
 
 def test_sample_a_dataset_then_evaluate_it(run, tmp_path):

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ssb_fast.train.loop import TrainConfig, train
+from _helpers import sample_cli
 from typer.testing import CliRunner
 
-from ssb_fast.cli import app
-from ssb_fast.data import write_synthetic
 from ssb_fast.nifti_io import parse_slices
 from ssb_fast.sample_folder import CASES_DIR, NIFTI_DIR, case_maps
 from ssb_fast.samples_io import read_samples_npz
@@ -27,17 +25,12 @@ FAST = ["--n-samples", "4", "--nfe", "2", "--device", "cpu", "--threads", "1"]
 AFFINE = np.array([[0.0, -0.8, 0.1, 30.0], [0.7, 0.0, 0.0, -12.0], [0.0, 0.05, 2.5, 40.0], [0.0, 0.0, 0.0, 1.0]])
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nifti")
-    data = write_synthetic(root / "data", n_cases=12, size=32, seed=0)
-    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
-                      seed=0, device="cpu"), progress=False)
-    return root / "run", data
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    return tiny_run
 
 
-def sample(*args):
-    return runner.invoke(app, ["sample", *map(str, args)])
+sample = sample_cli
 
 
 def _save(path: Path, data: np.ndarray) -> Path:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import sample_cli
 from PIL import Image
-from ssb_fast.train.loop import TrainConfig, train
 from typer.testing import CliRunner
 
 from ssb_fast.case_figures import GRID_COLUMNS, grid_size, grid_tile_size
 from ssb_fast.cli import app
-from ssb_fast.data import write_synthetic
 from ssb_fast.metrics import METRIC_NAMES, evaluate
 from ssb_fast.sample_folder import CASES_DIR, RUN_FILE, SUMMARY_FILE, case_maps, read_case_file
 from ssb_fast.samples_io import read_samples_npz
@@ -26,18 +25,12 @@ MAP_FILES = ["case.json", "entropy.npy", "entropy.png", "grid.png", "majority.np
              "mean.png"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model trained for two steps on 32x32 synthetic scans, and its dataset (8 training cases)."""
-    root = tmp_path_factory.mktemp("outputs")
-    data = write_synthetic(root / "data", n_cases=12, size=32, seed=0)
-    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
-                      seed=0, device="cpu"), progress=False)
-    return root / "run", data
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    return tiny_run
 
 
-def sample(*args):
-    return runner.invoke(app, ["sample", *map(str, args)])
+sample = sample_cli
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ssb_fast.train.loop import TrainConfig, train
 
 from ssb_fast import Bridge, load_model
 from ssb_fast.case_figures import PREVIEW_SAMPLES
-from ssb_fast.data import DataFormatError, load, write_synthetic
+from ssb_fast.data import DataFormatError, load
 from ssb_fast.sample_folder import (
     ARGS_FILE,
     CASES_DIR,
@@ -31,14 +30,9 @@ from ssb_fast.samples_io import SAMPLES_FILE, read_samples_npz
 FAST = dict(n_samples=5, nfe=3, device="cpu", progress=False)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model trained for two steps on 32x32 synthetic scans, and its dataset (8 training cases)."""
-    root = tmp_path_factory.mktemp("sample_run")
-    data = write_synthetic(root / "data", n_cases=12, size=32, seed=0)
-    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
-                      seed=0, device="cpu"), progress=False)
-    return root / "run", data
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    return tiny_run
 
 
 def test_same_masks_as_the_sampler_whatever_max_batch(run, tmp_path):

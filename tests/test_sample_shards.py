@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import sample_cli
 from PIL import Image
-from ssb_fast.train.loop import TrainConfig, train
 from typer.testing import CliRunner
 
 import ssb_fast.sample_run as sample_run
-from ssb_fast.cli import app
-from ssb_fast.data import write_synthetic
 from ssb_fast.sample_folder import ARGS_FILE, CASES_DIR, PARTS_DIR, RUN_FILE, SUMMARY_FILE, read_case_file
 from ssb_fast.sample_run import sample_dataset
 from ssb_fast.samples_io import SAMPLES_FILE, read_samples_npz
@@ -31,18 +29,12 @@ FAST = ["--n-samples", "4", "--nfe", "2", "--device", "cpu", "--threads", "1"]
 N_CASES = 5
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model trained for two steps on 32x32 synthetic scans, and its dataset (8 training cases)."""
-    root = tmp_path_factory.mktemp("shards")
-    data = write_synthetic(root / "data", n_cases=12, size=32, seed=0)
-    train(TrainConfig(data=str(data), out=str(root / "run"), preset="tiny", steps=2, batch_size=4, val_every=0,
-                      seed=0, device="cpu"), progress=False)
-    return root / "run", data
+@pytest.fixture(scope="session")
+def run(tiny_run):
+    return tiny_run
 
 
-def sample(*args):
-    return runner.invoke(app, ["sample", *map(str, args)])
+sample = sample_cli
 
 
 def base_args(run) -> list:
