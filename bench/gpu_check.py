@@ -97,9 +97,10 @@ def chunking_flip_fraction(device: torch.device, preset: str = "tiny", image_siz
 
 
 def run_gpu_check(out_dir: Path, budget_s: float = 480.0, model: torch.nn.Module | None = None,
-                  log: Callable[[str], None] | None = None) -> tuple[dict, int]:
+                  log: Callable[[str], None] | None = None, only: tuple[str, ...] | None = None) -> tuple[dict, int]:
     """Run every step that fits in `budget_s`; returns the report and the exit code (1 if a GPU test
-    failed, else 0). A trained `model` adds a throughput step of its own after the presets'."""
+    failed, else 0). A trained `model` adds a throughput step of its own after the presets'. `only` names
+    the steps to run (gpu_tests, kernels, throughput_<preset>, sync_check, chunking_flip_fraction)."""
     say = log or (lambda message: None)
     device = torch.device("cuda")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,8 @@ def run_gpu_check(out_dir: Path, budget_s: float = 480.0, model: torch.nn.Module
         return budget_s - (time.perf_counter() - start)
 
     def step(name: str, need_s: float, fn: Callable[[], dict]) -> None:
+        if only is not None and name not in only:
+            return
         if left() < need_s:
             report["skipped"].append(f"{name}: needs about {need_s:.0f} s, {left():.0f} s left")
             say(f"skip {name} ({left():.0f} s left)")

@@ -65,3 +65,16 @@ def test_float32_on_cuda_is_chunk_independent():
     a = Sampler(net, BRIDGE, nfe=5, precision="float32", max_batch=5).sample(scans(2), 12, return_soft=True)
     b = Sampler(net, BRIDGE, nfe=5, precision="float32", max_batch=24).sample(scans(2), 12, return_soft=True)
     torch.testing.assert_close(a.soft, b.soft, atol=1e-3, rtol=0)
+
+
+def test_gpu_check_steps_write_their_report(tmp_path):
+    """The sync-debug and flip-fraction steps of `bench gpu-check` (the others are bench and test runs
+    of their own, covered where they live)."""
+    from ssb_fast.bench.gpu_check import chunking_flip_fraction, run_gpu_check
+
+    flips = chunking_flip_fraction(torch.device("cuda"), image_size=32, n_samples=16, nfe=3, small=5, large=16)
+    for precision in ("bfloat16", "float32"):
+        assert 0 <= flips[precision]["pixel_fraction"] <= 1
+    report, code = run_gpu_check(tmp_path, budget_s=600, only=("sync_check",))
+    assert code == 0 and report["steps"]["sync_check"]["ok"], report["steps"]["sync_check"]
+    assert (tmp_path / "gpu-check.json").exists() and (tmp_path / "gpu-check.md").exists()
