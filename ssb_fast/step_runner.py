@@ -125,7 +125,7 @@ class StepRunner:
                     self.module = self.module.to(memory_format=torch.channels_last)
                 self.module.eval()
             net = self.module
-        if on_cuda:
+        if on_cuda and not (torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic):
             torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
         self.compiled = bool(compile)
         if self.compiled:
