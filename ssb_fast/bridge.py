@@ -31,6 +31,10 @@ def space_indices(num_steps: int, count: int) -> list[int]:
     return taken
 
 
+# Far beyond any useful schedule (I2SB uses 1000); a bound keeps a hostile config from allocating terabytes.
+MAX_TIMESTEPS = 1_000_000
+
+
 class Bridge:
     """Schedules and coefficients of the I2SB bridge with a symmetric quadratic beta schedule.
 
@@ -39,8 +43,9 @@ class Bridge:
     """
 
     def __init__(self, n_timesteps: int = 1000, beta_max: float = 0.3):
-        if isinstance(n_timesteps, bool) or not isinstance(n_timesteps, int) or n_timesteps < 2:
-            raise ValueError(f"n_timesteps must be an int >= 2; got {n_timesteps!r}")
+        if (isinstance(n_timesteps, bool) or not isinstance(n_timesteps, int)
+                or not 2 <= n_timesteps <= MAX_TIMESTEPS):
+            raise ValueError(f"n_timesteps must be an int in [2, {MAX_TIMESTEPS}]; got {n_timesteps!r}")
         if n_timesteps % 2:
             # I2SB mirrors the first half of the schedule; an odd count would lose one step.
             raise ValueError(f"n_timesteps must be even (the schedule is mirrored); got {n_timesteps}")
@@ -53,7 +58,21 @@ class Bridge:
         betas = np.concatenate([half[: n // 2], np.flip(half[: n // 2])])
         std_fwd = np.sqrt(np.cumsum(betas))
         std_bwd = np.sqrt(np.flip(np.cumsum(np.flip(betas))))
-        mu_x0, mu_x1, var = gaussian_product(std_fwd, std_bwd)
+        # The tables are stored as float32: a beta_max so large that a variance leaves its range would make the
+        # coefficients inf or NaN.
+        limit = float(np.finfo(np.float32).max)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu_x0, mu_x1, var = gaussian_product(std_fwd, std_bwd)
+            fits = all(np.isfinite(a).all() and np.abs(a).max() < limit
+                       for a in (betas, std_fwd, std_bwd, var, std_fwd**2 * std_bwd**2))
+        if not fits:
+            raise ValueError(f"beta_max {self.beta_max!r} is too large for n_timesteps {n}: the schedule's "
+                             f"variances overflow float32")
+        # Every step must add variance, or the posterior between two steps has no noise (δ = 0); with the first
+        # beta fixed at 1e-4, a beta_max ~1e12 times larger loses it to float64 rounding.
+        if not (np.diff(std_fwd) > 0).all():
+            raise ValueError(f"beta_max {self.beta_max!r} is too large for n_timesteps {n}: the smallest betas "
+                             f"vanish beside the total variance and some steps add none")
         std_sb = np.sqrt(var)
         # I2SB's network time input: linspace(t0=1e-4, T=1, n) * n.
         noise_levels = np.linspace(1e-4, 1.0, n, dtype=np.float64) * n

@@ -180,12 +180,47 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", weig
     if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError(path, "corrupt checkpoint: the metadata has no model config")
     try:
-        model = UNet(UNetConfig.from_dict(config["model"]))
-    except (TypeError, ValueError) as err:
+        model_config = UNetConfig.from_dict(config["model"])
+        # Built on the meta device first (no memory), so that a config naming a model far larger than the file's
+        # weights is refused by the shape check below instead of allocating it.
+        with torch.device("meta"):
+            shape_of = UNet(model_config)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise CheckpointError(path, f"the model config cannot build a UNet: {err}") from None
+    load_weights(_ShapesOnly(shape_of), tensors, f"{weights}.", path)
+    _check_bridge(path, config)
+    model = UNet(model_config)
     load_weights(model, tensors, f"{weights}.", path)
     model.run_config = config
     return model.to(device).eval()
+
+
+class _ShapesOnly:
+    """A meta-device module's state_dict for `load_weights` to check names and shapes against."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._state = module.state_dict()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+    def load_state_dict(self, _state) -> None:
+        pass
+
+
+def _check_bridge(path, config: dict) -> None:
+    """CheckpointError unless the config's bridge settings (when present) build a Bridge."""
+    from ssb_fast.bridge import Bridge
+
+    bridge = config.get("bridge")
+    if bridge is None:
+        return
+    if not isinstance(bridge, dict):
+        raise CheckpointError(path, f"the bridge config must be a JSON object; got {type(bridge).__name__}")
+    try:
+        Bridge(**bridge)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path, f"the bridge config cannot build a Bridge: {err}") from None
 
 
 # ---- training state ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssb_fast.atomic import write_atomic, write_json_atomic
+from ssb_fast.atomic import remove_staged, write_atomic, write_json_atomic
 from ssb_fast.case_figures import heat_png, mask_png, write_case_grid, write_case_preview
 from ssb_fast.data.dataset_format import DataFormatError
 from ssb_fast.nifti_io import place_slices, write_nifti_like
@@ -119,6 +119,26 @@ class CasePaths:
         if png:
             files += [self.png, self.grid, *(self.map_file(m, ".png") for m in MAPS)]
         return files
+
+
+def remove_interrupted_writes(files: Sequence[Path]) -> int:
+    """Delete what writes of `files` that a crash cut short staged beside them (hidden `.<name>-*.tmp`, see
+    ssb_fast.atomic); call only for files no other process is writing now. Lists each folder once (a run's
+    cases/ may hold tens of thousands of files). Returns how many were removed."""
+    wanted: dict[Path, set[str]] = {}
+    for f in files:
+        wanted.setdefault(f.parent, set()).add(f.name)
+    removed = 0
+    for folder, names in wanted.items():
+        try:
+            entries = [e.name for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(".tmp")]
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry[1:-4].rpartition("-")[0] in names:
+                (folder / entry).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def case_paths(out: Path, stems: Sequence[str]) -> list[CasePaths]:
@@ -433,6 +453,7 @@ def write_nifti_maps(out: Path, volumes: Sequence[VolumeInput], cases: Sequence[
         ):
             data = place_slices(volume.nifti, volume.axis, {k: m[name] for k, m in per_slice.items()}, fill, dtype)
             path = nifti_map_path(out, stem, name)
+            remove_staged(path)  # left by an assembly that was killed; the lock keeps other writers out
             write_nifti_like(path, data, volume.nifti, f"ssb-fast {what}; {where}")
             written.append(str(path.relative_to(out)))
     return written

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ssb_fast.data.dataset import load
-from ssb_fast.data.dataset_format import DataFormatError
+from ssb_fast.data.dataset_format import DataFormatError, check_unique_ids
 from ssb_fast.data.image_io import (
     IMAGE_SUFFIXES,
     case_name,
@@ -21,6 +21,7 @@ from ssb_fast.data.image_io import (
     choose_scaling,
     file_suffix,
     image_to_chw,
+    peek_array,
     read_array,
 )
 from ssb_fast.nifti_io import SPATIAL_AXES, NiftiScan, SliceSpec, is_nifti, read_nifti
@@ -176,8 +177,9 @@ def _resize_hint(size: tuple[int, int]) -> str:
 
 
 def check_scans_fit(model, scans: ScanSet) -> None:
-    """Raise DataFormatError naming the first scan whose channels or size differ from the model's, or that
-    holds NaN/Inf."""
+    """Raise DataFormatError naming the first scan whose channels or size differ from the model's, that
+    holds NaN/Inf, or whose case id another scan has too."""
+    check_unique_ids(scans.case_ids, scans.sources[0] if scans.sources else "the scans")
     spec = model_input(model)
     finite = torch.isfinite(scans.images.flatten(1)).all(dim=1)
     for i, case in enumerate(scans.case_ids):
@@ -229,7 +231,11 @@ def scans_from_images(paths: Sequence[str | os.PathLike], expect: ModelInput | t
             ranges.append((nii.data.dtype, *_range(values)))
             nii.release()
         else:
-            chw = image_to_chw(read_array(f, case), f, case, file_suffix(f) in (".png", ".jpg", ".jpeg"))
+            pictures = file_suffix(f) in (".png", ".jpg", ".jpeg")
+            header = peek_array(f, case) if expect is not None else None
+            if header is not None:  # a size the model cannot take is refused before the pixels are read
+                check_scan(image_to_chw(header, f, case, pictures).shape, expect, f, case, _resize_hint(expect.size))
+            chw = image_to_chw(read_array(f, case), f, case, pictures)
             check_image_finite(chw, f, case)
             scans.append((case, f, chw))
             ranges.append((chw.dtype, *_range(chw)))
@@ -238,8 +244,9 @@ def scans_from_images(paths: Sequence[str | os.PathLike], expect: ModelInput | t
     seen: dict[str, Path] = {}
     cut = {str(v.nifti.path): v for v in volumes if v.axis is not None}
     for case, f, chw in scans:
-        if case in seen:
-            raise SampleRunError(f"two images give the case id {case!r}: {seen[case]} and {f}; rename one")
+        if case in seen:  # bad input data (exit 3), not a bad option: the files' names clash
+            raise DataFormatError(f, f"two images give the case id {case!r}: {seen[case]} and {f}; rename one",
+                                  case)
         seen[case] = f
         if expect is not None:
             volume = cut.get(str(f))

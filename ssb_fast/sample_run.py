@@ -50,6 +50,7 @@ from ssb_fast.sample_folder import (
     read_finished_cases,
     read_part_records,
     refresh_case_outputs,
+    remove_interrupted_writes,
     reusable,
     scan_digest,
     write_case_outputs,
@@ -251,6 +252,9 @@ def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts:
         args.update({"max_batch": sampler.max_batch, "continue": opts.resume})
         if not shard.sharded or saved is None:
             write_json_atomic(out / ARGS_FILE, args)
+        # A process killed while writing leaves its staged files behind; this part's cases are written by this
+        # process alone, and args.json only under the lock.
+        remove_interrupted_writes([out / ARGS_FILE, *(f for i in mine for f in _case_files(paths[i]))])
     reused = set(finished)
     todo = [i for i in mine if i not in reused]
     settings_line = f"N = {opts.n_samples}, NFE {opts.nfe}, guidance {opts.guidance:g}, labels {opts.labels}"
@@ -356,6 +360,10 @@ def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts:
             if i not in records:  # another part's case: its record, redrawn if a file is missing
                 records[i] = refresh_case_outputs(paths[i], case, scan_of(i), scans.sources[i], settings_line,
                                                   opts.png)
+        # the run's files are written only under the lock; the cases' files, once every case exists, only by a
+        # process refreshing them (under the lock here, or in a single-process run)
+        remove_interrupted_writes([out / SAMPLES_FILE, out / SUMMARY_FILE, out / RUN_FILE,
+                                   *(f for p in (paths if not shard.sharded else ()) for f in _case_files(p))])
         write_run_samples(out, cases, scans.case_ids, opts.soft)
         nifti = write_nifti_maps(out, scans.volumes, cases) if scans.volumes else []
         del cases
@@ -366,6 +374,11 @@ def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts:
         write_json_atomic(out / SUMMARY_FILE, summary)
         write_json_atomic(out / RUN_FILE, _run_record(args, part, parts, shard, summary))
     return summary
+
+
+def _case_files(paths) -> list[Path]:
+    """Every file a case writes: its case file and what is drawn from it."""
+    return [paths.npz, *paths.derived(png=True)]
 
 
 def _invocation_summary(out: Path, model_file: Path, device_name: str, scans: ScanSet, opts: SampleOptions,

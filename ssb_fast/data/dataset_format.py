@@ -81,6 +81,17 @@ def check_case(image: np.ndarray, masks: np.ndarray, present: np.ndarray, *, pat
         raise DataFormatError(path, "case has zero reader masks; expected at least one annotator", case)
 
 
+def check_unique_ids(case_ids: Sequence[str], where) -> None:
+    """DataFormatError naming the first repeated case id: outputs are named and matched by case id, so two
+    cases with one id would be renamed or mixed up."""
+    seen: set[str] = set()
+    for cid in case_ids:
+        if cid in seen:
+            count = sum(1 for c in case_ids if c == cid)
+            raise DataFormatError(where, f"case id {cid!r} appears {count} times; case ids must be unique", cid)
+        seen.add(cid)
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     splits: Mapping[str, Mapping[str, np.ndarray | Sequence[str]]],
@@ -225,6 +236,7 @@ def read_split(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise DataFormatError(path, f"image size {images.shape[2:]} differs from mask size {masks.shape[2:]}")
     if n == 0:
         return arrays
+    check_unique_ids([str(c) for c in case_ids.tolist()], path)
     # Whole-array checks first (fast); only on failure look for the first offending case to name it.
     finite = np.isfinite(images).reshape(n, -1).all(-1)
     in_range = (np.abs(images) <= 1.0).reshape(n, -1).all(-1)

@@ -53,6 +53,8 @@ def read_array(path: str | os.PathLike, case: str | None = None) -> np.ndarray:
                     array = np.array(img)
             except UnidentifiedImageError as err:
                 raise DataFormatError(path, f"unreadable {suffix} file ({err})", case) from err
+            except Image.DecompressionBombError as err:  # a header claiming billions of pixels
+                raise DataFormatError(path, f"refused to decode: {err}", case) from None
         elif suffix == ".npy":
             array = np.load(path, allow_pickle=False)
         else:
@@ -62,7 +64,13 @@ def read_array(path: str | os.PathLike, case: str | None = None) -> np.ndarray:
                 raise ImportError(
                     f"{path}: NIfTI files need nibabel: pip install nibabel (the project's `nifti` extra)"
                 ) from err
-            array = np.asanyarray(nibabel.load(str(path)).dataobj)
+            try:
+                array = np.asanyarray(nibabel.load(str(path)).dataobj)
+            except (OSError, ValueError, EOFError):
+                raise
+            except Exception as err:  # nibabel's ImageFileError, HeaderDataError, ...
+                raise DataFormatError(path, f"unreadable {suffix} file ({type(err).__name__}: "
+                                            f"{str(err).strip()})", case) from None
     except DataFormatError:
         raise
     except (OSError, ValueError, EOFError, SyntaxError) as err:
@@ -71,6 +79,42 @@ def read_array(path: str | os.PathLike, case: str | None = None) -> np.ndarray:
     while array.ndim > 2 and array.shape[-1] == 1:
         array = array[..., 0]
     return array
+
+
+def peek_array(path: str | os.PathLike, case: str | None = None) -> np.ndarray | None:
+    """What `read_array` would return, as a read-only array of that shape and dtype that holds no memory
+    (every element is one zero), read from the file's header alone; None where the header cannot say
+    (NIfTI, a broken file: `read_array` then reports it). Lets a caller refuse a size before reading pixels."""
+    path = Path(path)
+    suffix = file_suffix(path)
+    try:
+        if suffix in (".png", ".jpg", ".jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as img:
+                width, height = img.size
+                bands = len(img.getbands())
+                if img.mode in ("LA", "RGBA", "PA") or img.mode == "CMYK":
+                    bands -= 1
+                if img.mode == "P":
+                    bands = 1
+                dtype = {"1": np.bool_, "I;16": np.uint16, "I": np.int32, "F": np.float32}.get(img.mode, np.uint8)
+            shape = (height, width) if bands == 1 else (height, width, bands)
+        elif suffix == ".npy":
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in readers:
+                    return None
+                shape, _, dtype = readers[version](fh)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - any failure here is read_array's to report, with its own message
+        return None
+    view = np.broadcast_to(np.zeros((), dtype=dtype), shape)
+    while view.ndim > 2 and view.shape[-1] == 1:
+        view = view[..., 0]
+    return view
 
 
 def image_to_chw(array: np.ndarray, path, case: str, channels_last: bool) -> np.ndarray:
@@ -100,8 +144,9 @@ def binarise_mask(mask: np.ndarray, path, case: str, threshold: float | None = N
         raise DataFormatError(path, f"mask must be 2-D (H, W), found shape {mask.shape}", case)
     if mask.dtype == np.bool_:
         return mask.astype(np.uint8)
-    if not np.issubdtype(mask.dtype, np.number):
-        raise DataFormatError(path, f"mask must be numeric, found dtype {mask.dtype}", case)
+    if not is_real(mask.dtype):
+        raise DataFormatError(path, f"mask must be numeric (bool, integers or floats), found dtype {mask.dtype}",
+                              case)
     if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
         raise DataFormatError(path, "mask holds NaN/Inf values", case)
     full = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(mask.dtype, 1.0)
@@ -170,9 +215,15 @@ def choose_scaling(
     return IntensityScaling(float(low) - 1.0, float(low) + 1.0, "constant data")
 
 
+def is_real(dtype) -> bool:
+    """Integers and floats (not bool, complex, strings, objects or times)."""
+    return np.dtype(dtype).kind in "iuf"
+
+
 def check_image_finite(image: np.ndarray, path, case: str) -> None:
-    if not np.issubdtype(image.dtype, np.number):
-        raise DataFormatError(path, f"image must be numeric, found dtype {image.dtype}", case)
+    if not is_real(image.dtype):
+        raise DataFormatError(path, f"image must hold real numbers (integers or floats), found dtype "
+                                    f"{image.dtype}", case)
     if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
         bad = int(image.size - np.count_nonzero(np.isfinite(image)))
         raise DataFormatError(path, f"image holds {bad} NaN/Inf value(s)", case)

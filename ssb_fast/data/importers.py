@@ -78,6 +78,9 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return (resize_area(mask.astype(np.float64), size) >= 0.5).astype(np.uint8)
 
 
+MIN_SIDE = 8  # the smallest scan side an import accepts (and the smallest --size)
+
+
 def assemble(
     cases: list[RawCase],
     threshold: float | None = None,
@@ -92,12 +95,16 @@ def assemble(
     """
     if not cases:
         raise DataFormatError(None, "no cases found")
-    if size is not None and size < 8:
-        raise ValueError(f"size must be >= 8 pixels; got {size}")
+    if size is not None and size < MIN_SIDE:
+        raise ValueError(f"size must be >= {MIN_SIDE} pixels; got {size}")
     dtypes, low, high = set(), np.inf, -np.inf
     shape = None
     for case in cases:
         check_image_finite(case.image, case.image_path, case.case_id)
+        if min(case.image.shape[1:]) < MIN_SIDE:  # 1x1 or empty: nothing a model could learn from, or upscale
+            height, width = case.image.shape[1:]
+            raise DataFormatError(case.image_path, f"the image is {height}x{width} pixels; scans must be at least "
+                                                   f"{MIN_SIDE}x{MIN_SIDE}", case.case_id)
         if case.image.size:
             dtypes.add(case.image.dtype)
             low, high = min(low, float(case.image.min())), max(high, float(case.image.max()))
