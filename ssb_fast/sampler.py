@@ -63,8 +63,9 @@ class Sampler:
         `guidance_fast_path=False` forces 2B rows there too, for comparison).
     max_batch: masks per chunk (B). Default 256 on CUDA, 32 on CPU. On CUDA out-of-memory the chunk is
         halved and retried; finished chunks are kept, and later calls keep the smaller size.
-    precision / channels_last / compile / cuda_graphs: see `StepRunner` (bfloat16 weights and
-        channels_last by default on CUDA only; compile pads every call to at most two row counts).
+    precision / channels_last / compile / cuda_graphs / micro_batch: see `StepRunner` (bfloat16 weights and
+        channels_last by default on CUDA only; compile pads every call to at most two row counts; on the
+        CPU the network runs 32 rows per call).
     """
 
     def __init__(self, net: Callable, bridge: Bridge, *, nfe: int = 20, guidance: float = 1.0,
@@ -72,7 +73,7 @@ class Sampler:
                  ot_ode: bool = False, clamp: bool = True, max_batch: int | None = None, seed: int = 0,
                  labels: str = "cycle", share_first_step: bool = True, device: torch.device | str | None = None,
                  precision: str | None = None, channels_last: bool | None = None, compile: bool | str = False,
-                 cuda_graphs: bool = False, guidance_fast_path: bool = True):
+                 cuda_graphs: bool = False, guidance_fast_path: bool = True, micro_batch: int | None = None):
         config = getattr(net, "config", None)
         if n_labels is None:  # the null label is index n_labels, so either attribute tells the count
             n_labels = getattr(config, "n_labels", getattr(net, "null_label", 0))
@@ -101,7 +102,8 @@ class Sampler:
         # unconditional (w = 0) output, both halves otherwise.
         self.halves = 1 if guidance_fast_path and self.guidance in (0.0, 1.0) else 2
         self.runner = StepRunner(net, self.device, precision=precision, channels_last=channels_last,
-                                 compile=compile, cuda_graphs=cuda_graphs, mask_channels=self.mask_channels)
+                                 compile=compile, cuda_graphs=cuda_graphs, mask_channels=self.mask_channels,
+                                 micro_batch=micro_batch)
         # Per-step tables on the device, built once: network time inputs and posterior coefficients.
         self.schedule = StepSchedule(
             steps=tuple(self.steps), t_in=bridge.noise_levels[self.steps].to(self.device),

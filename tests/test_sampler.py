@@ -272,3 +272,21 @@ def test_out_of_memory_at_one_mask_and_other_errors_propagate():
     from ssb_fast.step_runner import is_out_of_memory
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory (during graph capture)"))
     assert not is_out_of_memory(ValueError("out of range"))
+
+
+def test_micro_batches_give_the_same_masks_and_split_the_calls():
+    """On the CPU the network runs a few rows per call (cache-sized); the masks do not change."""
+    net = ToyNet().eval()
+    scans = scans_for(2, seed=6)
+    calls = []
+    net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    whole = Sampler(net, BRIDGE, nfe=3, guidance=1.5, max_batch=64, micro_batch=1000).sample(scans, 12,
+                                                                                            return_soft=True)
+    whole_calls, calls[:] = list(calls), []
+    split = Sampler(net, BRIDGE, nfe=3, guidance=1.5, max_batch=64, micro_batch=7).sample(scans, 12,
+                                                                                         return_soft=True)
+    assert max(calls) == 7 and len(calls) > len(whole_calls) and sum(calls) == sum(whole_calls)
+    assert torch.equal(split.masks, whole.masks) and torch.equal(split.soft, whole.soft)
+    assert Sampler(net, BRIDGE, nfe=3).runner.micro_batch == 32  # the CPU default
+    with pytest.raises(ValueError, match="micro_batch"):
+        Sampler(net, BRIDGE, nfe=3, micro_batch=0)
