@@ -108,7 +108,7 @@ class RankGroup:
     """The torchrun ranks of one run. `store` is a torch.distributed Store (or anything with
     `add(key, n) -> int`); `barrier` a callable. Without a store, each rank reports only its own share."""
 
-    TODO, DONE, FINISHED = "ssb_fast/sample/todo", "ssb_fast/sample/done", "ssb_fast/sample/finished"
+    TO_SAMPLE, DONE, FINISHED = "ssb_fast/sample/todo", "ssb_fast/sample/done", "ssb_fast/sample/finished"
 
     def __init__(self, world_size: int, store=None, barrier: Callable[[], None] | None = None,
                  poll_seconds: float = 0.2):
@@ -142,12 +142,12 @@ class RankGroup:
 
     def announce(self, todo_masks: int) -> None:
         """Add this rank's masks to sample to the run's total."""
-        self._add(self.TODO, todo_masks)
+        self._add(self.TO_SAMPLE, todo_masks)
 
     def progress(self, done_masks: int = 0) -> tuple[int, int] | None:
         """Add `done_masks` finished masks; return (done, to do) over all ranks, or None without a store."""
         done = self._add(self.DONE, done_masks)
-        todo = self._add(self.TODO, 0)
+        todo = self._add(self.TO_SAMPLE, 0)
         return None if done is None or todo is None else (done, todo)
 
     def wait_for_all(self, on_progress: Callable[[int, int], None] | None = None) -> None:

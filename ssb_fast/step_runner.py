@@ -102,7 +102,8 @@ class StepRunner:
     cuda_graphs: capture each step (network + cfg_step) as a CUDA graph; CUDA only.
     micro_batch: rows per network call. Default 32 on the CPU without compile, where a U-Net call on fewer
         rows keeps its activations in cache (the tiny preset at 64 px ran 1.8x faster per row in calls of 32
-        rows than of 128), and the whole chunk at once on CUDA or when compiled (fixed shapes). Each row's output does not depend on the others.
+        rows than of 128), and the whole chunk at once on CUDA or when compiled (fixed shapes). Each row's
+        output does not depend on the others.
     """
 
     def __init__(self, net, device: torch.device | str, *, precision: str | None = None,

@@ -43,3 +43,19 @@ def sample_cli(*args):
     from ssb_fast.cli import app
 
     return CliRunner().invoke(app, ["sample", *map(str, args)])
+
+
+def wait_until(proc, condition, timeout: float, what: str = "the process", poll_s: float = 0.002) -> bool:
+    """Poll `condition` every few ms while `proc` runs: True once it holds, False if the process ends first;
+    kill it and fail after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll_s)
+    proc.kill()
+    raise AssertionError(f"{what} neither reached the kill point nor ended")

@@ -17,13 +17,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from _helpers import sample_cli
+from _helpers import wait_until as _wait_until
 
 from ssb_fast.atomic import REPLACE_DELAY_ENV
 from ssb_fast.sample_folder import CASES_DIR, case_paths, read_case_file
@@ -66,17 +66,9 @@ def launch(args: list[str], log: Path, delay: bool) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
 
 
+
 def wait_until(proc: subprocess.Popen, condition, timeout: float = TIMEOUT_S) -> bool:
-    """Poll `condition` every few ms; False if the process ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError("the sampling process neither reached the kill point nor ended")
+    return _wait_until(proc, condition, timeout, "the sampling process")
 
 
 def case_files(out: Path) -> list[Path]:

@@ -16,12 +16,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import wait_until as _wait_until
 from typer.testing import CliRunner
 
 from ssb_fast.atomic import REPLACE_DELAY_ENV
@@ -99,17 +99,9 @@ def staged(run: Path) -> set[str]:
     return {name for name in (MODEL, STATE) if any(run.glob(f".{name}-*.tmp"))}
 
 
+
 def wait_until(proc: subprocess.Popen, condition, timeout: float = TIMEOUT_S) -> bool:
-    """Poll `condition` every few ms; False if the process ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.003)
-    proc.kill()
-    raise AssertionError("the training process neither reached the kill point nor ended")
+    return _wait_until(proc, condition, timeout, "the training process")
 
 
 def check_disk(run: Path) -> dict[str, int]:
