@@ -266,7 +266,7 @@ def test_only_rank_zero_draws_the_bar_over_every_rank(run, single, tmp_path, mon
     # rank 1's part, written as separate part 1 of 2 (the same files), then its counters in the store
     sample_dataset(run_dir, data, out, shard=Shard(part_id=1, num_parts=2, launcher="parts"), **opts)
     store = DictStore()
-    store.add(RankGroup.TODO, 8)
+    store.add(RankGroup.TO_SAMPLE, 8)
     store.add(RankGroup.DONE, 8)
     store.add(RankGroup.FINISHED, 1)
     shard = Shard(part_id=0, num_parts=2, launcher="torchrun", rank=0, world_size=2)
