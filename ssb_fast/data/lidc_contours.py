@@ -211,6 +211,19 @@ def _bilinear(window: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndar
     return top * (1 - fr)[:, None] + bottom * fr[:, None]
 
 
+def reader_slots(nodule_id: str, n_annotations: int, n_slots: int) -> np.ndarray:
+    """The slot of each of a nodule's annotations: a permutation of `n_slots` seeded by the nodule id.
+
+    LIDC-IDRI's readers are anonymous and their order within a nodule's annotations means nothing, but
+    writing the annotations first and the empty pads after would make the last slots mean "probably
+    empty": a model conditioned on the slot as its expert label learns that bias. Shuffling the slots
+    (with pads among them, `pad="empty"`) makes every slot the same mixture. The same nodule gets the
+    same permutation on each of its slices and in every build.
+    """
+    rng = np.random.default_rng(case_seed(0, nodule_id))
+    return rng.permutation(n_slots)[:n_annotations]
+
+
 @dataclass
 class NoduleCrop:
     case_id: str
@@ -239,7 +252,9 @@ def nodule_crops(
 
     Readers who did not annotate the nodule fill the remaining slots up to four as empty masks, flagged
     present (`pad="empty"`, as in the standard LIDC crops: each reader read the scan and did not mark this
-    nodule) or absent (`pad="absent"`).
+    nodule) or absent (`pad="absent"`). With `pad="empty"` the slots are shuffled per nodule
+    (`reader_slots`), so that no slot means "empty"; with `pad="absent"` the annotations keep the first
+    slots (shuffled among themselves) and the absent ones follow.
     """
     all_rc = np.vstack([rc for a in group for cs in a.contours.values() for _, rc in cs])
     origin = (int(all_rc[:, 0].min()) - 1, int(all_rc[:, 1].min()) - 1)
@@ -266,11 +281,13 @@ def nodule_crops(
     rows, cols = centre[0] + offsets, centre[1] + offsets
 
     chosen = [best] if slices == "max" else [ki for ki in range(len(ks)) if area[ki].any()]
+    nodule_id = f"{scan.patient_id}_s{scan.id:04d}_n{nodule_index:02d}"
+    slot_of = reader_slots(nodule_id, len(group), N_READERS if pad == "empty" else len(group))
     crops = []
     for ki in chosen:
         soft = np.zeros((N_READERS, size, size), dtype=np.float32)
         for ai in range(len(group)):
-            soft[ai] = _bilinear(native[ki, ai].astype(np.float32), rows, cols)
+            soft[slot_of[ai]] = _bilinear(native[ki, ai].astype(np.float32), rows, cols)
         masks = (soft >= 0.5).astype(np.uint8)
         if not masks.any():
             # Too small to survive resampling: without the main slice there is no nodule to show.
@@ -279,7 +296,7 @@ def nodule_crops(
             continue
         present = np.zeros(N_READERS, dtype=bool)
         present[: len(group) if pad == "absent" else N_READERS] = True
-        case_id = f"{scan.patient_id}_s{scan.id:04d}_n{nodule_index:02d}"
+        case_id = nodule_id
         if slices == "all":
             case_id += f"_k{ks[ki]:03d}"
         crops.append(
@@ -401,6 +418,8 @@ def build_lidc_contours(
             "pixel_spacing_mm": spacing_mm if spacing_mm is not None else "native",
             "slices": slices,
             "pad": pad,
+            "reader_slots": "shuffled per nodule, seeded by the nodule id (pads among the annotations)"
+            if pad == "empty" else "annotations first (shuffled per nodule), absent slots after",
             "include_contour": include_contour,
             "seed": seed,
             "limit_patients": limit,
