@@ -31,6 +31,18 @@ def test_geometry_moves_image_and_masks_together():
     assert not torch.equal(out_masks[3], masks[3])
 
 
+def test_shift_moves_image_and_masks_together_by_the_drawn_offset():
+    masks = torch.zeros(2, 2, 16, 16, dtype=torch.uint8)
+    masks[:, :, 6:9, 7:10] = 1
+    images = masks[:, :1].float() * 2 - 1
+    aug = _plain(2, [0, 0], [False, False], size=16)
+    aug.shift = torch.tensor([[3, -2], [0, 0]])
+    out_images, out_masks = augment(images, masks, aug)
+    torch.testing.assert_close(out_masks[0], torch.roll(masks[0], (3, -2), dims=(-2, -1)))  # far from the border
+    torch.testing.assert_close(out_masks[1], masks[1])
+    torch.testing.assert_close(out_images, out_masks[:, :1].float() * 2 - 1)
+
+
 def test_intensity_changes_stay_in_range_and_blur_smooths():
     g = torch.Generator().manual_seed(2)
     images = torch.rand(64, 1, 16, 16, generator=g) * 2 - 1

@@ -1,9 +1,11 @@
-"""Training-time augmentation of a batch: the eight flips and quarter turns (image and masks together), and
-intensity, contrast, gamma, blur and noise on the image alone.
+"""Training-time augmentation of a batch: the eight flips and quarter turns and a shift (image and masks
+together), and intensity, contrast, gamma, blur and noise on the image alone.
 
 The semi-synthetic `lidc-contours` images share the readers' shapes with real CT but not its pixels; a model
 trained on them alone outlines whatever is brightest in a real crop (vessels). Perturbing contrast,
-sharpness and noise keeps it from relying on the generator's exact intensities. Every random choice comes
+sharpness and noise keeps it from relying on the generator's exact intensities; and since every
+`lidc-contours` crop is centred on its nodule while real crops are not, half of the items are shifted
+(reflecting the image at the border) so that the model looks for the nodule rather than at the centre. Every random choice comes
 from the step's generator (drawn on the CPU), so a resumed run stays bit-exact.
 """
 
@@ -20,6 +22,7 @@ BRIGHTNESS = 0.1           # +- shift
 GAMMA = (0.7, 1.4)         # on the image mapped to [0, 1]
 P_BLUR, BLUR_SIGMA = 0.3, (0.4, 1.2)  # Gaussian blur in pixels, with this probability
 NOISE_STD = 0.06           # additive Gaussian noise up to this std, half of the items
+P_SHIFT, MAX_SHIFT = 0.5, 0.3  # shift half of the items by up to 30% of the side
 
 
 @dataclass
@@ -31,6 +34,7 @@ class AugmentDraw:
     gamma: torch.Tensor       # (B,)
     blur_sigma: torch.Tensor  # (B,) 0 = no blur
     noise: torch.Tensor       # (B, 1, H, W) already scaled
+    shift: torch.Tensor | None = None  # (B, 2) int rows, cols; None = no shift
 
 
 def draw_augment(batch: int, size: tuple[int, int], generator: torch.Generator) -> AugmentDraw:
@@ -47,7 +51,24 @@ def draw_augment(batch: int, size: tuple[int, int], generator: torch.Generator) 
     noise_std = torch.where(torch.rand(batch, generator=generator) < 0.5, uniform(0.0, NOISE_STD),
                             torch.zeros(batch))
     noise = torch.randn(batch, 1, *size, generator=generator) * noise_std.view(-1, 1, 1, 1)
-    return AugmentDraw(turns, flip, contrast, brightness, gamma, blur_sigma, noise)
+    reach = int(MAX_SHIFT * min(size))
+    shift = torch.randint(-reach, reach + 1, (batch, 2), generator=generator)
+    shift = shift * (torch.rand(batch, generator=generator) < P_SHIFT).view(-1, 1)
+    return AugmentDraw(turns, flip, contrast, brightness, gamma, blur_sigma, noise, shift)
+
+
+def _shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each item moved by its (rows, cols), the border reflected in (a shift beyond the side is clipped)."""
+    h, w = x.shape[-2:]
+    reach = int(shift.abs().max()) if shift.numel() else 0
+    reach = min(reach, h - 1, w - 1)
+    if reach == 0:
+        return x
+    padded = F.pad(x.float(), (reach, reach, reach, reach), mode="reflect").to(x.dtype)
+    out = torch.empty_like(x)
+    for i, (dr, dc) in enumerate(shift.clamp(-reach, reach).tolist()):
+        out[i] = padded[i, :, reach - dr: reach - dr + h, reach - dc: reach - dc + w]
+    return out
 
 
 def _dihedral(x: torch.Tensor, turns: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -84,6 +105,8 @@ def augment(images: torch.Tensor, masks: torch.Tensor, aug: AugmentDraw) -> tupl
                          f"{tuple(images.shape[-2:])}")
     images = _dihedral(images.float(), aug.turns, aug.flip)
     masks = _dihedral(masks, aug.turns, aug.flip)
+    if aug.shift is not None:
+        images, masks = _shift(images, aug.shift), _shift(masks, aug.shift)
     dev = images.device
     unit = ((images + 1) / 2).clamp(0, 1) ** aug.gamma.to(dev).view(-1, 1, 1, 1)
     images = unit * 2 - 1
