@@ -136,7 +136,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _load(model_path, device: torch.device):
+def load_for_sampling(model_path, device: torch.device):
     """(EMA model on `device`, its file, its bridge); CheckpointError when either cannot be built."""
     file = resolve_model_path(model_path)
     net = load_model(file, device=device)
@@ -164,7 +164,7 @@ def sample_dataset(model_path: str | os.PathLike, data: str | os.PathLike, out: 
     start = time.perf_counter()
     opts = SampleOptions(**options)
     device = opts.check()
-    net, model_file, bridge = _load(model_path, device)
+    net, model_file, bridge = load_for_sampling(model_path, device)
     scans = scans_from_dataset(data, split, cases, case_ids)
     check_scans_fit(net, scans)
     return _run(net, model_file, bridge, scans, Path(out), opts, device, start, shard, group)
@@ -182,7 +182,7 @@ def sample_images(model_path: str | os.PathLike, images: Sequence[str | os.PathL
     start = time.perf_counter()
     opts = SampleOptions(**options)
     device = opts.check()
-    net, model_file, bridge = _load(model_path, device)
+    net, model_file, bridge = load_for_sampling(model_path, device)
     scans = scans_from_images(images, expect=model_input(net), axis=axis, slices=slices)
     return _run(net, model_file, bridge, scans, Path(out), opts, device, start, shard, group)
 
@@ -193,7 +193,7 @@ def sample_scans(model_path: str | os.PathLike, scans: ScanSet, out: str | os.Pa
     start = time.perf_counter()
     opts = SampleOptions(**options)
     device = opts.check()
-    net, model_file, bridge = _load(model_path, device)
+    net, model_file, bridge = load_for_sampling(model_path, device)
     check_scans_fit(net, scans)
     return _run(net, model_file, bridge, scans, Path(out), opts, device, start, shard, group)
 

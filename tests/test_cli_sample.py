@@ -116,7 +116,8 @@ def test_bad_data_exits_3(run, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "no bundled demo model yet"),
+    (["--demo", "--model", "M"], "--demo samples the bundled model"),
+    (["--demo", "--images", "x.png"], "--demo samples the bundled model"),
     (["--data", "D", "--out", "O"], "--model is required"),
     (["--model", "M", "--out", "O"], "no scans given"),
     (["--model", "M", "--data", "D", "--images", "x.png", "--out", "O"], "not both"),

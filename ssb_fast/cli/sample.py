@@ -10,16 +10,9 @@ from typing import Annotated
 import typer
 
 from ssb_fast.cli.app import DeviceOption, ExitCode, JsonOption, ThreadsOption, app, fail, print_json
+from ssb_fast.demo import CPU_SAMPLES, CUDA_SAMPLES, DEFAULT_OUT
 
-NOTHING_TO_SAMPLE = (
-    "nothing to sample: pass --model RUN (a run folder or model.safetensors from `ssb-fast train`), the scans "
-    "(--data DIR [--split test] [--cases N | --case-ids A,B] or --images FILE...) and --out OUT. ssb-fast has no "
-    "bundled demo model yet; train a small one on a CPU in about 3 minutes:\n"
-    "  ssb-fast data synthetic --out data/synthetic\n"
-    "  ssb-fast train --data data/synthetic --preset tiny --steps 300 --out runs/tiny\n"
-    "  ssb-fast sample --model runs/tiny --data data/synthetic --cases 4 --out samples/tiny"
-)
-
+DEFAULT_SAMPLES, DEFAULT_NFE = 16, 20
 
 class LabelMode(str, Enum):
     cycle = "cycle"
@@ -34,6 +27,7 @@ class Precision(str, Enum):
 
 EPILOG = (
     "Examples:\n\n"
+    "  ssb-fast sample   (the bundled demo into ./ssb-out)\n\n"
     "  ssb-fast sample --model runs/tiny --data data/synthetic --cases 4 --n-samples 64 --out samples/tiny\n\n"
     "  ssb-fast evaluate samples/tiny\n\n"
     "  ssb-fast sample --model runs/tiny/model.safetensors --images scans/*.png --out samples/mine\n\n"
@@ -46,7 +40,8 @@ EPILOG = (
     "  ssb-fast sample ... --num-parts 2 --part-id 0 --out OUT ; ssb-fast sample ... --num-parts 2 --part-id 1 "
     "--out OUT   (separate jobs, e.g. a job array: --part-id $SLURM_ARRAY_TASK_ID)\n\n"
     "  ssb-fast sample ... --continue --out OUT   (no parts: samples whatever is missing and assembles)\n\n"
-    "There is no bundled demo model yet: train one with `ssb-fast train` first."
+    "The demo: `ssb-fast sample` with no model or scans (or `ssb-fast sample --demo --out DIR`) samples the "
+    "bundled model on the bundled scans into ./ssb-out and prints each scan's metrics against its readers."
 )
 
 
@@ -88,10 +83,18 @@ def sample(
         help="Output folder: samples.npz, summary.json, run.json, args.json; per case cases/<case>.npz (masks), "
              "cases/<case>.png (preview) and cases/<case>/ (case.json with metrics, mean, entropy and majority "
              "as .npy and .png, grid.png); nifti/ for NIfTI inputs.")] = None,
-    n_samples: Annotated[int, typer.Option("--n-samples", "-n", min=1, show_default=True,
-                                           help="Masks per scan.")] = 16,
-    nfe: Annotated[int, typer.Option("--nfe", min=1, show_default=True,
-                                     help="Network evaluations (steps) per mask.")] = 20,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Sample the bundled model on the bundled scans (what `ssb-fast sample` with no model "
+                       "and no scans does) and print each scan's metrics against its readers beside the "
+                       "no-diversity reference [default --out: ./ssb-out].")] = False,
+    n_samples: Annotated[int | None, typer.Option(
+        "--n-samples", "-n", min=1, show_default=False,
+        help=f"Masks per scan [default: {DEFAULT_SAMPLES}; the demo: {CPU_SAMPLES} on CPU, {CUDA_SAMPLES} on "
+             f"CUDA].")] = None,
+    nfe: Annotated[int | None, typer.Option(
+        "--nfe", min=1, show_default=False,
+        help=f"Network evaluations (steps) per mask [default: {DEFAULT_NFE}; the demo: the NFE its manifest "
+             f"records, chosen from the model's NFE-quality table].")] = None,
     guidance: Annotated[float, typer.Option(
         "--guidance", min=0.0, show_default=True,
         help="Classifier-free guidance w in u + w(c - u): 1 = conditional only, 0 = unconditional.")] = 1.0,
@@ -166,11 +169,23 @@ def sample(
     from ssb_fast.sharding import make_shard
 
     image_paths = [*(images or []), *(files or [])]
-    if model is None and data is None and not image_paths:
-        fail(NOTHING_TO_SAMPLE, ExitCode.BAD_ARGUMENTS)
+    the_demo = None
+    if demo or (model is None and data is None and not image_paths):
+        if model is not None or data is not None or image_paths:
+            fail("--demo samples the bundled model on the bundled scans; drop --demo to sample --model on "
+                 "--data or --images", ExitCode.BAD_ARGUMENTS)
+        from ssb_fast.demo import DemoMissingError, find_demo
+
+        try:
+            the_demo = find_demo()
+        except DemoMissingError as err:
+            fail(str(err), ExitCode.RUNTIME)
+        model, data = the_demo.model, the_demo.data
+        out = out if out is not None else Path(DEFAULT_OUT)
+        nfe = nfe if nfe is not None else the_demo.nfe
     if model is None:
-        fail("--model is required: a run folder of `ssb-fast train` or its model.safetensors (there is no "
-             "bundled demo model yet)", ExitCode.BAD_ARGUMENTS)
+        fail("--model is required: a run folder of `ssb-fast train` or its model.safetensors (or run "
+             "`ssb-fast sample` with no model and no scans for the bundled demo)", ExitCode.BAD_ARGUMENTS)
     if data is None and not image_paths:
         fail("no scans given: pass --data DIR (a dataset folder) or --images FILE...", ExitCode.BAD_ARGUMENTS)
     if data is not None and image_paths:
@@ -221,6 +236,15 @@ def sample(
             local = int(os.environ.get("LOCAL_WORLD_SIZE", shard.world_size))
             threads = max(1, default_threads() // max(1, local))
     set_threads(threads)
+    if n_samples is None:
+        from ssb_fast.demo import demo_samples
+        from ssb_fast.devices import resolve_device
+
+        try:
+            n_samples = demo_samples(resolve_device(device)) if the_demo is not None else DEFAULT_SAMPLES
+        except (ValueError, RuntimeError) as err:
+            fail(str(err), ExitCode.BAD_ARGUMENTS)
+    nfe = nfe if nfe is not None else DEFAULT_NFE
     options = dict(n_samples=n_samples, nfe=nfe, guidance=guidance, labels=labels.value, ot_ode=ot_ode, seed=seed,
                    max_batch=max_batch, device=device, precision=precision.value, compile=compile,
                    cuda_graphs=cuda_graphs, soft=soft, png=png, resume=resume,
@@ -238,7 +262,9 @@ def sample(
             summary = sample_images(model, image_paths, out, axis=axis, slices=slice_spec, shard=shard, group=group,
                                     **options)
     except SampleRunError as err:
-        fail(str(err), ExitCode.BAD_ARGUMENTS)
+        hint = (f"\n(the demo writes into ./{DEFAULT_OUT} by default: pass --out DIR for a fresh folder)"
+                if the_demo is not None else "")
+        fail(f"{err}{hint}", ExitCode.BAD_ARGUMENTS)
     except CheckpointError as err:
         fail(str(err), ExitCode.BAD_CHECKPOINT)
     except (DataFormatError, SamplesFormatError) as err:
@@ -258,10 +284,23 @@ def sample(
 
     if not shard.is_main:  # torchrun: rank 0 reports for the run
         return
+    reports = None
+    if the_demo is not None and summary.get("assembled"):
+        from ssb_fast.demo import scan_reports
+
+        reports = scan_reports(summary, the_demo)
     if json_out:
+        if reports is not None:
+            summary = {**summary, "demo_scans": [vars(r) for r in reports]}
         print_json(summary)
         return
     typer.echo(format_summary(summary))
+    if reports is not None:
+        from ssb_fast.demo import format_reports
+
+        typer.echo(format_reports(reports))
+        typer.echo(f"look at: {summary['out']}/cases/<scan>/grid.png (the scan, its readers, the samples, the "
+                   f"mean and entropy maps)")
 
 
 def _rate(value) -> str:
