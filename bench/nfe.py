@@ -84,7 +84,11 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
         per_case = _scores(result.masks, experts, present)
         per_nfe[nfe] = (result.masks, per_case)
         mps = result.stats["masks_per_s"]
+        all_empty = ~result.masks.flatten(2).any(-1).any(-1)  # (S,) cases whose every sample is empty
         rows.append({"nfe": nfe, **_summary(per_case, subsets), "empty_rate": empty_rate(result.masks),
+                     "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
+                     "all_empty_case_ids_2plus_marked": [case_ids[i] for i in
+                                                         (all_empty & (n_marked >= 2)).nonzero().flatten().tolist()],
                      "masks_per_s": mps, "ms_per_nfe_per_mask": 1000.0 / (mps * nfe) if mps and mps > 0 else None,
                      "warmup_s": result.stats["warmup_seconds"]})
 
@@ -129,14 +133,15 @@ def render_markdown(report: dict) -> str:
              f"case, guidance {report['guidance']:g}, seed {report['seed']}; {d['cases']} cases of {d['split_cases']} "
              f"({d['spread']}) from {d['source']}; mean ± standard error over cases.", "",
              "| NFE | GED | GED / no diversity (95% CI) | D_max | D_a | S_c | CI | HM-IoU | DDI_e | DDI_g | empty | "
-             "masks/s | ms/NFE/mask |",
-             "| ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+             "all empty, ≥ 2 marked | masks/s | ms/NFE/mask |",
+             "| ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in report["rows"]:
         ratio = r["ged_ratio_to_no_diversity"]
         lines.append(
             f"| {r['nfe']} | {_pm(r['ged'])} | {ratio['ratio']:.2f} ({ratio['low']:.2f}–{ratio['high']:.2f}) | "
             + " | ".join(_pm(r[k]) for k in ("d_max", "d_a", "s_c", "ci", "hm_iou", "ddi_e", "ddi_g"))
-            + f" | {r['empty_rate']:.1%} | {r['masks_per_s']:.2f} | {r['ms_per_nfe_per_mask']:.2f} |")
+            + f" | {r['empty_rate']:.1%} | {r['all_empty_cases_2plus_marked']} | {r['masks_per_s']:.2f} | "
+              f"{r['ms_per_nfe_per_mask']:.2f} |")
     lines += ["", "| reference | GED | D_max | CI | HM-IoU | empty |", "| --- | --- | --- | --- | --- | ---: |"]
     names = {"no_diversity": "no diversity (N × readers' majority)",
              "consensus": f"consensus (N × majority of the samples at NFE {max(report['nfes'])})",
@@ -153,7 +158,9 @@ def render_markdown(report: dict) -> str:
     for key, ref in report["references"].items():
         lines.append(f"| {key} | " + " | ".join(
             f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in ref["subsets"].values()) + " |")
-    lines += ["", "Empty masks: IoU(∅,∅) = Dice(∅,∅) = 1; GED squared over all ordered pairs including i = j; "
+    lines += ["", "empty: the fraction of empty masks; all empty, ≥ 2 marked: cases whose every sample is empty "
+              "although two or more readers marked the nodule.",
+              "", "Empty masks: IoU(∅,∅) = Dice(∅,∅) = 1; GED squared over all ordered pairs including i = j; "
               "missing readers left out.", f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}."]
     return "\n".join(lines) + "\n"
 

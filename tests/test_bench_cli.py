@@ -69,3 +69,34 @@ def test_bench_bad_options_exit_2_and_gpu_check_without_a_gpu_exits_0(tmp_path):
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["bench", "gpu-check"])
         assert result.exit_code == 0 and "no GPU" in result.output
+
+
+def test_bench_nfe_counts_cases_whose_every_sample_is_empty(run, monkeypatch):
+    """A sampler that draws only empty masks: every case that two or more readers marked is counted."""
+    import torch
+    from ssb_fast.bench import nfe as nfe_module
+
+    from ssb_fast.data import load
+    from ssb_fast.sample_run import load_for_sampling
+    from ssb_fast.sampler import SampleResult
+
+    class EmptySampler:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def sample(self, scans, n, case_ids=None):
+            masks = torch.zeros(len(scans), n, *scans.shape[-2:], dtype=torch.uint8)
+            return SampleResult(masks, torch.zeros(len(scans), n, dtype=torch.int64),
+                                stats={"masks_per_s": 1.0, "warmup_seconds": 0.0})
+
+    monkeypatch.setattr(nfe_module, "Sampler", EmptySampler)
+    run_dir, data = run
+    net, _, bridge = load_for_sampling(run_dir / "model.safetensors", torch.device("cpu"))
+    dataset = load(data, "train")
+    report = nfe_module.run_nfe_sweep(net, bridge, dataset, [1], n_samples=2)
+    marked = ((dataset.masks.flatten(2).sum(-1) > 0) & dataset.present).sum(1)
+    want = [dataset.case_ids[i] for i in (marked >= 2).nonzero().flatten().tolist()]
+    row = report["rows"][0]
+    assert want and row["all_empty_case_ids_2plus_marked"] == want
+    assert row["all_empty_cases_2plus_marked"] == len(want) and row["empty_rate"] == 1.0
+    assert "| 1 |" in nfe_module.render_markdown(report)
