@@ -258,7 +258,7 @@ def test_bad_config_is_refused(overrides, match):
 
 
 def test_bad_preset_and_dict_are_refused():
-    with pytest.raises(ValueError, match=r"unknown UNet preset 'ssb\+'.*\['ssb', 'ssb\+\+', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown UNet preset 'ssb\+'.*\['small', 'ssb', 'ssb\+\+', 'tiny'\]"):
         UNetConfig.preset("ssb+")
     with pytest.raises(ValueError, match=r"unknown UNetConfig field\(s\) \['base'\]"):
         UNetConfig.preset("tiny", base=8)

@@ -39,7 +39,7 @@ def train(
         metavar="RUN", help="Continue the run in this folder exactly where it stopped (--steps may raise the "
                             "target).")] = None,
     preset: Annotated[str | None, typer.Option(
-        metavar="NAME", help=f"U-Net preset: tiny, ssb, ssb++ (default {_d('preset')}).")] = None,
+        metavar="NAME", help=f"U-Net preset: tiny, small, ssb, ssb++ (default {_d('preset')}).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help=f"Optimizer steps in total "
                                                  f"(default {_d('steps')}).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help=f"Batch per process; the effective batch "
