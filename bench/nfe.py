@@ -37,7 +37,7 @@ EVAL_BATCH = 32  # scans per metrics call
 REFERENCES = ("no_diversity", "consensus", "readers")
 
 
-def _scores(samples: torch.Tensor, experts: torch.Tensor, present: torch.Tensor) -> dict[str, np.ndarray]:
+def case_scores(samples: torch.Tensor, experts: torch.Tensor, present: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-case values of every metric, evaluated in batches of scans."""
     parts: dict[str, list] = {k: [] for k in METRIC_NAMES}
     for lo in range(0, samples.shape[0], EVAL_BATCH):
@@ -48,7 +48,7 @@ def _scores(samples: torch.Tensor, experts: torch.Tensor, present: torch.Tensor)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _summary(per_case: dict[str, np.ndarray], subsets: dict[str, np.ndarray]) -> dict:
+def summarise_scores(per_case: dict[str, np.ndarray], subsets: dict[str, np.ndarray]) -> dict:
     out = {}
     for key, values in per_case.items():
         mean, se = mean_se(values)
@@ -57,6 +57,16 @@ def _summary(per_case: dict[str, np.ndarray], subsets: dict[str, np.ndarray]) ->
                              "ged_se": mean_se(per_case["ged"][sel])[1]}
                       for name, sel in subsets.items()}
     return out
+
+
+def reader_subsets(experts: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """(readers who marked each case, the named case subsets): every present reader marked the nodule, some
+    did and some did not, two or more did."""
+    marked = (experts.flatten(2).sum(-1) > 0) & present
+    n_marked, n_present = marked.sum(1), present.sum(1)
+    return n_marked, {"all_readers_marked": ((n_marked == n_present) & (n_marked > 0)).numpy(),
+                      "some_readers_marked": ((n_marked < n_present) & (n_marked > 0)).numpy(),
+                      "two_or_more_marked": (n_marked >= 2).numpy()}
 
 
 def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int = 16, cases: int | None = None,
@@ -69,11 +79,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
     scans = dataset.images[idx].float()
     experts, present = dataset.masks[idx], dataset.present[idx]
     case_ids = [dataset.case_ids[i] for i in picks]
-    marked = (experts.flatten(2).sum(-1) > 0) & present
-    n_marked, n_present = marked.sum(1), present.sum(1)
-    subsets = {"all_readers_marked": ((n_marked == n_present) & (n_marked > 0)).numpy(),
-               "some_readers_marked": ((n_marked < n_present) & (n_marked > 0)).numpy(),
-               "two_or_more_marked": (n_marked >= 2).numpy()}
+    n_marked, subsets = reader_subsets(experts, present)
 
     rows, per_nfe = [], {}
     for nfe in sorted(nfes):
@@ -81,11 +87,11 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
             log(f"NFE {nfe}: {len(picks)} cases x {n_samples} masks")
         sampler = Sampler(net, bridge, nfe=nfe, guidance=guidance, seed=seed, device=device, max_batch=max_batch)
         result = sampler.sample(scans, n_samples, case_ids=case_ids)
-        per_case = _scores(result.masks, experts, present)
+        per_case = case_scores(result.masks, experts, present)
         per_nfe[nfe] = (result.masks, per_case)
         mps = result.stats["masks_per_s"]
         all_empty = ~result.masks.flatten(2).any(-1).any(-1)  # (S,) cases whose every sample is empty
-        rows.append({"nfe": nfe, **_summary(per_case, subsets), "empty_rate": empty_rate(result.masks),
+        rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(result.masks),
                      "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                      "all_empty_case_ids_2plus_marked": [case_ids[i] for i in
                                                          (all_empty & (n_marked >= 2)).nonzero().flatten().tolist()],
@@ -98,8 +104,8 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
                 "readers": reader_draws(experts, present, n_samples, seed, case_ids)}
     ref_scores = {}
     for name, masks in ref_sets.items():
-        ref_scores[name] = _scores(masks, experts, present)
-        references[name] = {**_summary(ref_scores[name], subsets), "empty_rate": empty_rate(masks)}
+        ref_scores[name] = case_scores(masks, experts, present)
+        references[name] = {**summarise_scores(ref_scores[name], subsets), "empty_rate": empty_rate(masks)}
     references["readers"]["empty_rate"] = reader_empty_rate(experts, present)
     for row in rows:
         ged = per_nfe[row["nfe"]][1]["ged"]
@@ -121,7 +127,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
     }
 
 
-def _pm(entry: dict, spec: str = ".3f") -> str:
+def plus_minus(entry: dict, spec: str = ".3f") -> str:
     return f"{entry['mean']:{spec}} ± {entry['se']:{spec}}"
 
 
@@ -138,8 +144,8 @@ def render_markdown(report: dict) -> str:
     for r in report["rows"]:
         ratio = r["ged_ratio_to_no_diversity"]
         lines.append(
-            f"| {r['nfe']} | {_pm(r['ged'])} | {ratio['ratio']:.2f} ({ratio['low']:.2f}–{ratio['high']:.2f}) | "
-            + " | ".join(_pm(r[k]) for k in ("d_max", "d_a", "s_c", "ci", "hm_iou", "ddi_e", "ddi_g"))
+            f"| {r['nfe']} | {plus_minus(r['ged'])} | {ratio['ratio']:.2f} ({ratio['low']:.2f}–{ratio['high']:.2f}) | "
+            + " | ".join(plus_minus(r[k]) for k in ("d_max", "d_a", "s_c", "ci", "hm_iou", "ddi_e", "ddi_g"))
             + f" | {r['empty_rate']:.1%} | {r['all_empty_cases_2plus_marked']} | {r['masks_per_s']:.2f} | "
               f"{r['ms_per_nfe_per_mask']:.2f} |")
     lines += ["", "| reference | GED | D_max | CI | HM-IoU | empty |", "| --- | --- | --- | --- | --- | ---: |"]
@@ -147,8 +153,8 @@ def render_markdown(report: dict) -> str:
              "consensus": f"consensus (N × majority of the samples at NFE {max(report['nfes'])})",
              "readers": "readers (N draws from the readers)"}
     for key, ref in report["references"].items():
-        lines.append(f"| {names[key]} | {_pm(ref['ged'])} | {_pm(ref['d_max'])} | {_pm(ref['ci'])} | "
-                     f"{_pm(ref['hm_iou'])} | {ref['empty_rate']:.1%} |")
+        lines.append(f"| {names[key]} | {plus_minus(ref['ged'])} | {plus_minus(ref['d_max'])} | {plus_minus(ref['ci'])} | "
+                     f"{plus_minus(ref['hm_iou'])} | {ref['empty_rate']:.1%} |")
     lines += ["", "GED by subset (cases): " + "; ".join(
         f"{name} ({size})" for name, size in d["subset_sizes"].items())]
     lines += ["", "| NFE | " + " | ".join(d["subset_sizes"]) + " |", "| ---: |" + " --- |" * len(d["subset_sizes"])]

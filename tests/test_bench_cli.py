@@ -100,3 +100,26 @@ def test_bench_nfe_counts_cases_whose_every_sample_is_empty(run, monkeypatch):
     assert want and row["all_empty_case_ids_2plus_marked"] == want
     assert row["all_empty_cases_2plus_marked"] == len(want) and row["empty_rate"] == 1.0
     assert "| 1 |" in nfe_module.render_markdown(report)
+
+
+def test_bench_settings_scores_every_setting_and_agrees_with_bench_nfe(run, tmp_path):
+    run_dir, data = run
+    common = ["--model", str(run_dir), "--data", str(data), "--split", "train", "-n", "3", "--cases", "4",
+              "--device", "cpu", "--no-progress"]
+    result = runner.invoke(app, ["bench", "settings", *common, "--nfe", "2", "--guidance", "1,0",
+                                 "--labels", "cycle,random", "--threshold", "-0.5,0", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s" / "settings.json").read_text())
+    got = [(r["labels"], r["guidance"], r["threshold"]) for r in report["rows"]]
+    assert got == [(m, w, t) for m in ("cycle", "random") for w in (1.0, 0.0) for t in (-0.5, 0.0)]
+    rows = {k: r for k, r in zip(got, report["rows"], strict=True)}
+    for m in ("cycle", "random"):
+        for w in (1.0, 0.0):  # a lower threshold marks a superset of the pixels: never more empty masks
+            assert rows[(m, w, -0.5)]["empty_rate"] <= rows[(m, w, 0.0)]["empty_rate"]
+    result = runner.invoke(app, ["bench", "nfe", *common, "--nfe", "2", "--out", str(tmp_path / "n")])
+    assert result.exit_code == 0, result.output
+    nfe_row = json.loads((tmp_path / "n" / "nfe.json").read_text())["rows"][0]
+    assert rows[("cycle", 1.0, 0.0)]["ged"]["mean"] == pytest.approx(nfe_row["ged"]["mean"], abs=1e-9)
+    assert "| cycle | 1 | 0 |" in (tmp_path / "s" / "settings.md").read_text()
+    bad = runner.invoke(app, ["bench", "settings", *common, "--labels", "all", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--labels" in bad.output
