@@ -153,7 +153,8 @@ def render_markdown(report: dict) -> str:
              "consensus": f"consensus (N × majority of the samples at NFE {max(report['nfes'])})",
              "readers": "readers (N draws from the readers)"}
     for key, ref in report["references"].items():
-        lines.append(f"| {names[key]} | {plus_minus(ref['ged'])} | {plus_minus(ref['d_max'])} | {plus_minus(ref['ci'])} | "
+        lines.append(f"| {names[key]} | {plus_minus(ref['ged'])} | {plus_minus(ref['d_max'])} | "
+                     f"{plus_minus(ref['ci'])} | "
                      f"{plus_minus(ref['hm_iou'])} | {ref['empty_rate']:.1%} |")
     lines += ["", "GED by subset (cases): " + "; ".join(
         f"{name} ({size})" for name, size in d["subset_sizes"].items())]

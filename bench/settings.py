@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from ssb_fast.bench.environment import device_name, load_average, versions
 from ssb_fast.bench.nfe import case_scores, plus_minus, reader_subsets, summarise_scores
@@ -52,7 +51,8 @@ def run_settings_sweep(net, bridge: Bridge, dataset, nfe: int = 10, n_samples: i
                 per_case = case_scores(masks, experts, present)
                 ratio, low, high = bootstrap_ratio(per_case["ged"], reference["ged"], seed=seed)
                 all_empty = ~masks.flatten(2).any(-1).any(-1)
-                rows.append({"labels": mode, "guidance": w, "threshold": threshold, **summarise_scores(per_case, subsets),
+                rows.append({"labels": mode, "guidance": w, "threshold": threshold,
+                             **summarise_scores(per_case, subsets),
                              "empty_rate": empty_rate(masks),
                              "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                              "ged_ratio_to_no_diversity": {"ratio": ratio, "low": low, "high": high},
@@ -89,7 +89,8 @@ def render_markdown(report: dict) -> str:
                      + " | ".join(f"{r['subsets'][s]['ged']:.3f} ± {r['subsets'][s]['ged_se']:.3f}" for s in subsets)
                      + " |")
     ref = report["no_diversity"]
-    lines += ["", f"No diversity (N × the readers' majority): GED {plus_minus(ref['ged'])}, D_max {plus_minus(ref['d_max'])}, "
+    lines += ["", f"No diversity (N × the readers' majority): GED {plus_minus(ref['ged'])}, "
+              f"D_max {plus_minus(ref['d_max'])}, "
               + ", ".join(f"GED {s} {ref['subsets'][s]['ged']:.3f} ± {ref['subsets'][s]['ged_se']:.3f}"
                           for s in subsets)
               + f"; the readers' masks are {report['readers_empty_rate']:.1%} empty.",

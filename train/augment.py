@@ -5,8 +5,8 @@ The semi-synthetic `lidc-contours` images share the readers' shapes with real CT
 trained on them alone outlines whatever is brightest in a real crop (vessels). Perturbing contrast,
 sharpness and noise keeps it from relying on the generator's exact intensities; and since every
 `lidc-contours` crop is centred on its nodule while real crops are not, half of the items are shifted
-(reflecting the image at the border) so that the model looks for the nodule rather than at the centre. Every random choice comes
-from the step's generator (drawn on the CPU), so a resumed run stays bit-exact.
+(reflecting the image at the border) so that the model looks for the nodule rather than at the centre.
+Every random choice comes from the step's generator (drawn on the CPU), so a resumed run stays bit-exact.
 """
 
 from __future__ import annotations

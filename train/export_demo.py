@@ -7,7 +7,8 @@ held-out test scans with their readers' masks, and a manifest of where each came
 Scans are chosen from the test splits by what their readers drew, never by how the model does on them:
 on `lidc-contours`, a nodule all four readers outline alike (agreement), one they outline differently
 (disagreement), and nodules that one or two readers did not mark; among the real crops, the most and the
-least agreed-on nodules that at least two readers marked (10 px or more). Within a kind, the median-sized nodule is taken.
+least agreed-on nodules that at least two readers marked (10 px or more). Within a kind, the median-sized
+nodule is taken.
 The float16 weights are checked against the float32 ones on the chosen scans (the fraction of mask pixels
 that change, and the GED of both), and the figures go into the manifest.
 """
@@ -122,8 +123,9 @@ def export(model_path: Path, lidc: Path, real: Path | None, out: Path, nfe: int,
 
     # float16 against float32 weights on the chosen scans, same keyed noise.
     x = torch.from_numpy(images)
-    m16, g16 = _sample_ged(staged / MODEL_FILE, x, torch.from_numpy(masks), torch.from_numpy(present), check_samples, nfe)
-    m32, g32 = _sample_ged(model_path, x, torch.from_numpy(masks), torch.from_numpy(present), check_samples, nfe)
+    experts, flags = torch.from_numpy(masks), torch.from_numpy(present)
+    m16, g16 = _sample_ged(staged / MODEL_FILE, x, experts, flags, check_samples, nfe)
+    m32, g32 = _sample_ged(model_path, x, experts, flags, check_samples, nfe)
     manifest = {
         "model": {
             "file": MODEL_FILE, "weights": "EMA, float16", "from": str(model_path),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from ssb_fast.kernels.noise import hash_seed
+from ssb_fast.train.augment import augment, draw_augment
 from ssb_fast.train.batches import ShuffledStream
 from ssb_fast.train.distributed import (
     DistContext,
@@ -36,7 +37,6 @@ from ssb_fast.train.distributed import (
     shutdown,
 )
 from ssb_fast.train.ema import EMA
-from ssb_fast.train.augment import augment, draw_augment
 from ssb_fast.train.loss import draw, ssb_loss
 from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel

@@ -120,7 +120,8 @@ def train(
         data=data, out=out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond,
         lr_schedule=lr_schedule,
-        lambda_dice=lambda_dice, augment=augment, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val, val_every=val_every,
+        lambda_dice=lambda_dice, augment=augment, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val,
+        val_every=val_every,
         val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every,
         save_minutes=save_minutes, seed=seed, compile=compile, amp=amp,
         deterministic=deterministic).items() if v is not None}
