@@ -100,9 +100,18 @@ def test_the_bundled_assets_are_complete_small_and_credited():
 def test_the_exporter_writes_what_the_demo_reads(tiny_run, tmp_path):
     from ssb_fast.train.export_demo import export, reader_stats
 
+    from ssb_fast.bench.nfe import run_nfe_sweep
+    from ssb_fast.sample_run import load_for_sampling
+
     run, data = tiny_run
-    manifest = export(run / "model.safetensors", data, data, tmp_path / "demo", nfe=2, quality=None,
-                      check_samples=2)
+    net, _, bridge = load_for_sampling(run / "model.safetensors", torch.device("cpu"))
+    report = run_nfe_sweep(net, bridge, load(data, "test"), [1], n_samples=2, cases=2)
+    (tmp_path / "nfe.json").write_text(json.dumps(report))
+    manifest = export(run / "model.safetensors", data, data, tmp_path / "demo", nfe=2,
+                      quality=[tmp_path / "nfe.json"], check_samples=2)
+    quality = manifest["quality"][0]
+    assert quality["rows"][0]["ged"] == report["rows"][0]["ged"] and quality["cases"] == 2
+    assert quality["no_diversity_ged"] == report["references"]["no_diversity"]["ged"]
     demo = find_demo(tmp_path / "demo")
     scans = load(demo.data, DEMO_SPLIT)
     assert scans.case_ids == [s["case_id"] for s in manifest["scans"]]

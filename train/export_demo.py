@@ -2,7 +2,7 @@
 held-out test scans with their readers' masks, and a manifest of where each came from.
 
     python -m ssb_fast.train.export_demo --model runs/lidc64-tiny-b/best.safetensors \
-        --lidc data/lidc64 --real data/lidc-crops-64 --quality bench/results/<run>/nfe.json
+        --lidc data/lidc64 --real data/lidc-crops-64 --quality bench/results/<folder>/nfe.json
 
 Scans are chosen from the test splits by what their readers drew, never by how the model does on them:
 on `lidc-contours`, a nodule all four readers outline alike (agreement), one they outline differently
@@ -91,7 +91,27 @@ def _sample_ged(model_path: Path, images, masks, present, n: int, nfe: int) -> t
     return result.masks.numpy(), float(evaluate(result.masks, masks, present)["ged"].mean())
 
 
-def export(model_path: Path, lidc: Path, real: Path | None, out: Path, nfe: int, quality: Path | None,
+def quality_summary(path: Path) -> dict:
+    """The headline of a `bench nfe` report: per NFE the GED (mean ± s.e.), its ratio to no diversity with
+    the interval, D_max and the empty-sample rate; the references; where and on what it was measured."""
+    report = json.loads(Path(path).read_text())
+    if report.get("kind") != "nfe":
+        raise SystemExit(f"{path}: expected a `ssb-fast bench nfe` report (nfe.json), found kind "
+                         f"{report.get('kind')!r}")
+    return {
+        "report": str(path), "date": report["date"], "device": report["device"], "data": report["data"]["source"],
+        "cases": report["data"]["cases"], "split_cases": report["data"]["split_cases"],
+        "n_samples": report["n_samples"], "guidance": report["guidance"],
+        "rows": [{"nfe": r["nfe"], "ged": r["ged"], "ged_ratio_to_no_diversity": r["ged_ratio_to_no_diversity"],
+                  "d_max": r["d_max"], "empty_rate": r["empty_rate"],
+                  "all_empty_cases_2plus_marked": r.get("all_empty_cases_2plus_marked")}
+                 for r in report["rows"]],
+        "no_diversity_ged": report["references"]["no_diversity"]["ged"],
+        "readers_empty_rate": report["references"]["readers"]["empty_rate"],
+    }
+
+
+def export(model_path: Path, lidc: Path, real: Path | None, out: Path, nfe: int, quality: list[Path] | None,
            check_samples: int) -> dict:
     tensors, metadata = read_checkpoint(model_path, MODEL_FORMAT)
     ema = split_prefix(tensors, "ema.")
@@ -136,7 +156,7 @@ def export(model_path: Path, lidc: Path, real: Path | None, out: Path, nfe: int,
                               "pixels_changed": float((m16 != m32).mean()), "ged_float16": g16, "ged_float32": g32},
         },
         "sampling": {"nfe": nfe},
-        "quality": json.loads(quality.read_text()) if quality is not None else None,
+        "quality": [quality_summary(q) for q in quality or []],
         "scans": [
             {"case_id": cid, "source": kind, "why": why, "dataset": meta.get("name"), "split": DEMO_SPLIT,
              "original_case_id": ds.case_ids[i], "semi_synthetic": meta.get("semi_synthetic"),
@@ -163,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, help="a dataset of real crops (import-folder), test split")
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help=f"default {DEMO_DIR}")
     parser.add_argument("--nfe", type=int, default=10, help="the demo's NFE (default 10)")
-    parser.add_argument("--quality", type=Path, help="a JSON of measured quality to record (e.g. bench nfe's)")
+    parser.add_argument("--quality", type=Path, action="append",
+                        help="a `bench nfe` report (nfe.json) whose headline to record; may repeat")
     parser.add_argument("--check-samples", type=int, default=16, help="masks per scan of the float16 check")
     args = parser.parse_args(argv)
     manifest = export(args.model, args.lidc, args.real, args.out, args.nfe, args.quality, args.check_samples)
