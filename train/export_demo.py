@@ -112,7 +112,7 @@ def quality_summary(path: Path) -> dict:
 
 
 def export(model_path: Path, lidc: Path, real: Path | None, out: Path, nfe: int, quality: list[Path] | None,
-           check_samples: int) -> dict:
+           check_samples: int, training_command: str | None = None, training_note: str | None = None) -> dict:
     tensors, metadata = read_checkpoint(model_path, MODEL_FORMAT)
     ema = split_prefix(tensors, "ema.")
     if not ema:
@@ -151,6 +151,7 @@ def export(model_path: Path, lidc: Path, real: Path | None, out: Path, nfe: int,
             "file": MODEL_FILE, "weights": "EMA, float16", "from": str(model_path),
             "parameters": int(sum(v.numel() for v in ema.values())),
             "preset": config.get("train", {}).get("preset"), "training": config.get("train"),
+            "training_command": training_command, "training_note": training_note,
             "data": config.get("data"),
             "float16_check": {"scans": len(rows), "n_samples": check_samples, "nfe": nfe,
                               "pixels_changed": float((m16 != m32).mean()), "ged_float16": g16, "ged_float32": g32},
@@ -186,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=Path, action="append",
                         help="a `bench nfe` report (nfe.json) whose headline to record; may repeat")
     parser.add_argument("--check-samples", type=int, default=16, help="masks per scan of the float16 check")
+    parser.add_argument("--training-command", help="the commands that trained the model, to record")
+    parser.add_argument("--training-note", help="anything else a reader of the manifest must know")
     args = parser.parse_args(argv)
-    manifest = export(args.model, args.lidc, args.real, args.out, args.nfe, args.quality, args.check_samples)
+    manifest = export(args.model, args.lidc, args.real, args.out, args.nfe, args.quality, args.check_samples,
+                      args.training_command, args.training_note)
     for s in manifest["scans"]:
         r = s["readers"]
         print(f"{s['case_id']:<32} {s['source']:<14} marked {r['marked']}/{r['readers']} IoU {r['mean_iou']:.2f} "
