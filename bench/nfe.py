@@ -69,6 +69,19 @@ def reader_subsets(experts: torch.Tensor, present: torch.Tensor) -> tuple[torch.
                       "two_or_more_marked": (n_marked >= 2).numpy()}
 
 
+def report_header(kind: str, net, dataset, picks: list[int], cases: int | None, subsets: dict[str, np.ndarray],
+                  device: torch.device) -> dict:
+    """What every quality report starts with: kind, date, device and versions, the model, and which cases."""
+    return {
+        "kind": kind, "date": _dt.date.today().isoformat(), "device": describe_device(device),
+        "device_name": device_name(device), "versions": versions(device), "load_average": load_average(),
+        "model": {"preset": net.config.preset, "image_size": net.config.image_size},
+        "data": {"source": str(dataset.source), "split_cases": len(dataset), "cases": len(picks),
+                 "case_indices": picks, "spread": "evenly over the split" if cases else "the whole split",
+                 "subset_sizes": {k: int(v.sum()) for k, v in subsets.items()}},
+    }
+
+
 def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int = 16, cases: int | None = None,
                   guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
                   max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict:
@@ -116,12 +129,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
             r, lo, hi = bootstrap_ratio(ged[sel], ref_scores["no_diversity"]["ged"][sel], seed=seed)
             row["ged_ratio_all_readers_marked"] = {"ratio": r, "low": lo, "high": hi}
     return {
-        "kind": "nfe", "date": _dt.date.today().isoformat(), "device": describe_device(device),
-        "device_name": device_name(device), "versions": versions(device), "load_average": load_average(),
-        "model": {"preset": net.config.preset, "image_size": net.config.image_size},
-        "data": {"source": str(dataset.source), "split_cases": len(dataset), "cases": len(picks),
-                 "case_indices": picks, "spread": "evenly over the split" if cases else "the whole split",
-                 "subset_sizes": {k: int(v.sum()) for k, v in subsets.items()}},
+        **report_header("nfe", net, dataset, picks, cases, subsets, device),
         "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": sorted(nfes),
         "conventions": CONVENTIONS, "rows": rows, "references": references,
     }

@@ -9,15 +9,12 @@ masks are x0̂ > threshold of the same soft x0̂.
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Callable
 
 import torch
-from ssb_fast.bench.environment import device_name, load_average, versions
-from ssb_fast.bench.nfe import case_scores, plus_minus, reader_subsets, summarise_scores
+from ssb_fast.bench.nfe import case_scores, plus_minus, reader_subsets, report_header, summarise_scores
 
 from ssb_fast.bridge import Bridge
-from ssb_fast.devices import describe_device
 from ssb_fast.references import bootstrap_ratio, empty_rate, no_diversity, reader_empty_rate, spread_cases
 from ssb_fast.sampler import Sampler
 
@@ -58,12 +55,7 @@ def run_settings_sweep(net, bridge: Bridge, dataset, nfe: int = 10, n_samples: i
                              "ged_ratio_to_no_diversity": {"ratio": ratio, "low": low, "high": high},
                              "masks_per_s": result.stats["masks_per_s"]})
     return {
-        "kind": "settings", "date": _dt.date.today().isoformat(), "device": describe_device(device),
-        "device_name": device_name(device), "versions": versions(device), "load_average": load_average(),
-        "model": {"preset": net.config.preset, "image_size": net.config.image_size},
-        "data": {"source": str(dataset.source), "split_cases": len(dataset), "cases": len(picks),
-                 "case_indices": picks, "spread": "evenly over the split" if cases else "the whole split",
-                 "subset_sizes": {k: int(v.sum()) for k, v in subsets.items()}},
+        **report_header("settings", net, dataset, picks, cases, subsets, device),
         "n_samples": n_samples, "nfe": nfe, "seed": seed, "rows": rows,
         "no_diversity": {**summarise_scores(reference, subsets),
                          "empty_rate": empty_rate(no_diversity(experts, present, n_samples))},

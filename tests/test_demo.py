@@ -98,9 +98,9 @@ def test_the_bundled_assets_are_complete_small_and_credited():
 
 
 def test_the_exporter_writes_what_the_demo_reads(tiny_run, tmp_path):
+    from ssb_fast.bench.nfe import run_nfe_sweep
     from ssb_fast.train.export_demo import export, reader_stats
 
-    from ssb_fast.bench.nfe import run_nfe_sweep
     from ssb_fast.sample_run import load_for_sampling
 
     run, data = tiny_run

@@ -149,6 +149,23 @@ def _numbers(text: str, kind, option: str, low: float) -> list:
     return values
 
 
+def _model_and_scored_split(model: Path, data: Path, split: str, device):
+    """(net, bridge, dataset) for the quality benches; exits 3 naming the data when the split has no reader
+    masks to score against."""
+    from ssb_fast.data import DataFormatError, load
+
+    net, bridge = load_bench_model(model, "", None, device)
+    try:
+        dataset = load(data, split)
+    except DataFormatError as err:
+        fail(str(err), ExitCode.BAD_DATA)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    if dataset.n_raters == 0 or len(dataset) == 0:
+        fail(f"{data}: split {split!r} has no cases with reader masks to score against", ExitCode.BAD_DATA)
+    return net, bridge, dataset
+
+
 def load_bench_model(model: Path | None, preset: str, size: int | None, device):
     """(net, bridge) from a run folder or checkpoint, else a `preset` U-Net with random weights."""
     from ssb_fast.bench.throughput import random_model
@@ -271,7 +288,6 @@ def nfe(
     and nfe.png (with the `plot` extra: pip install 'ssb-fast[plot]').
     """
     from ssb_fast.bench.nfe import plot, render_markdown, run_nfe_sweep
-    from ssb_fast.data import DataFormatError, load
 
     try:
         dev = resolve_device(device)
@@ -279,15 +295,7 @@ def nfe(
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     steps = _numbers(nfes, int, "--nfe", 1)
-    net, bridge = load_bench_model(model, "", None, dev)
-    try:
-        dataset = load(data, split)
-    except DataFormatError as err:
-        fail(str(err), ExitCode.BAD_DATA)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err), ExitCode.BAD_ARGUMENTS)
-    if dataset.n_raters == 0 or len(dataset) == 0:
-        fail(f"{data}: split {split!r} has no cases with reader masks to score against", ExitCode.BAD_DATA)
+    net, bridge, dataset = _model_and_scored_split(model, data, split, dev)
     log = None if no_progress else (lambda message: typer.echo(message, err=True))
     try:
         report = run_nfe_sweep(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch, log)
@@ -343,7 +351,6 @@ def settings(
     rate, reader subsets). Writes settings.json and settings.md.
     """
     from ssb_fast.bench.settings import render_markdown, run_settings_sweep
-    from ssb_fast.data import DataFormatError, load
 
     try:
         dev = resolve_device(device)
@@ -356,15 +363,7 @@ def settings(
     if not modes or bad:
         fail(f"--labels takes cycle and/or random; got {label_modes!r}", ExitCode.BAD_ARGUMENTS)
     cuts = _numbers(thresholds, float, "--threshold", -1)
-    net, bridge = load_bench_model(model, "", None, dev)
-    try:
-        dataset = load(data, split)
-    except DataFormatError as err:
-        fail(str(err), ExitCode.BAD_DATA)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err), ExitCode.BAD_ARGUMENTS)
-    if dataset.n_raters == 0 or len(dataset) == 0:
-        fail(f"{data}: split {split!r} has no cases with reader masks to score against", ExitCode.BAD_DATA)
+    net, bridge, dataset = _model_and_scored_split(model, data, split, dev)
     log = None if no_progress else (lambda message: typer.echo(message, err=True))
     try:
         report = run_settings_sweep(net, bridge, dataset, nfe_, n_samples, cases, ws, modes, cuts, seed, dev,
