@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from ssb_fast.train.batches import ShuffledStream
 from ssb_fast.train.loop import TrainConfig, train
-from ssb_fast.train.loss import draw, soft_dice, ssb_loss
+from ssb_fast.train.loss import area_ranks, draw, soft_dice, ssb_loss, with_area_rank_labels
 from typer.testing import CliRunner
 
 from ssb_fast import load_model
@@ -46,6 +46,64 @@ def test_draw_picks_only_present_annotators_and_drops_labels():
     assert d.t.min() >= 0 and d.t.max() < 1000 and d.seeds.min() >= 0
     with pytest.raises(ValueError, match=r"batch items \[1\] have no present annotator"):
         draw(torch.tensor([[True, False], [False, False]]), 2, 1000, 0.1, g)
+
+
+def test_area_ranks_order_present_masks_by_area_with_empty_and_absent_last():
+    masks = torch.zeros(3, 4, 4, 4)
+    masks[0, 0, :2] = 1      # area 8
+    masks[0, 2] = 1          # 16
+    masks[0, 3, 0, 0] = 1    # 1; slot 1 empty
+    masks[1, 1, :1] = 1      # one marked reader, three empty ones
+    masks[2, 2] = 1          # the largest mask, but its slot is absent
+    present = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    ranks = area_ranks(masks, present)
+    assert ranks.tolist() == [[1, 3, 0, 2], [1, 0, 2, 3], [0, 1, 3, 2]]
+    for row in ranks:  # a permutation of the slots
+        assert sorted(row.tolist()) == [0, 1, 2, 3]
+
+
+def test_area_rank_labels_replace_the_slot_but_keep_the_null_label():
+    masks = torch.zeros(4, 4, 4, 4)
+    for b in range(4):
+        for m in range(4):
+            masks[b, m, : m + 1] = 1  # slot m has area 4 (m + 1): slot 3 is the widest
+    present = torch.ones(4, 4, dtype=torch.bool)
+    d = draw(present, null_label=4, n_timesteps=1000, p_uncond=0.0, generator=torch.Generator().manual_seed(0))
+    d.label[1] = 4  # as if dropped for CFG
+    ranked = with_area_rank_labels(d, masks, present, null_label=4)
+    expected = (3 - d.annotator).tolist()
+    expected[1] = 4
+    assert ranked.label.tolist() == expected
+    assert torch.equal(ranked.annotator, d.annotator) and torch.equal(ranked.t, d.t)
+    assert torch.equal(ranked.seeds, d.seeds)
+
+
+def test_training_feeds_the_area_rank_or_the_slot_as_chosen(synthetic_dir, tmp_path, monkeypatch):
+    """The label the U-Net sees in a training step is the rank of the drawn mask by area (area-rank) or its
+    slot (slot); a run saved before the option existed resumes with slot labels."""
+    import ssb_fast.train.loop as loop
+
+    seen = []
+    real_loss = loop.ssb_loss
+
+    def spy(net, bridge, images, masks, sample, lambda_dice):
+        present = torch.ones(masks.shape[:2], dtype=torch.bool)
+        seen.append((sample.label.clone(), sample.annotator.clone(), area_ranks(masks, present)))
+        return real_loss(net, bridge, images, masks, sample, lambda_dice)
+
+    monkeypatch.setattr(loop, "ssb_loss", spy)
+    for mode in ("area-rank", "slot"):
+        seen.clear()
+        train(tiny_config(synthetic_dir, tmp_path / mode, steps=3, p_uncond=0.0, expert_labels=mode),
+              progress=False)
+        for label, annotator, ranks in seen:
+            want = ranks.gather(1, annotator.view(-1, 1)).flatten() if mode == "area-rank" else annotator
+            assert torch.equal(label, want)
+        assert any(not torch.equal(lab, ann) for lab, ann, _ in seen) or mode == "slot"
+    assert TrainConfig.from_dict({"data": "d", "out": "o"}).expert_labels == "slot"
+    assert TrainConfig(data="d", out="o").expert_labels == "area-rank"
+    with pytest.raises(ValueError, match="expert_labels must be one of area-rank, slot"):
+        TrainConfig(data="d", out="o", expert_labels="size").check()
 
 
 def test_soft_dice_values():

@@ -37,7 +37,7 @@ from ssb_fast.train.distributed import (
     shutdown,
 )
 from ssb_fast.train.ema import EMA
-from ssb_fast.train.loss import draw, ssb_loss
+from ssb_fast.train.loss import EXPERT_LABELS, draw, ssb_loss, with_area_rank_labels
 from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel
 
@@ -93,6 +93,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     lambda_dice: float = 0.1
+    expert_labels: str = "area-rank"
     augment: bool = False
     n_timesteps: int = 1000
     beta_max: float = 0.3
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"save_minutes must be a number >= 0 (0 = off); got {self.save_minutes}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number; got {self.lr}")
+        if self.expert_labels not in EXPERT_LABELS:
+            raise ValueError(f"expert_labels must be one of {', '.join(EXPERT_LABELS)}; got {self.expert_labels!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
         if not 0 <= self.p_uncond <= 1:
@@ -137,6 +140,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        # Runs saved before the option existed conditioned on the slot.
+        d = {"expert_labels": "slot", **d}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -427,6 +432,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
             images, masks, present = batches.batch(stream.batch_indices(step, cfg.batch_size, ctx.rank,
                                                                         ctx.world_size))
             sample = draw(present, model.null_label, cfg.n_timesteps, cfg.p_uncond, gen)
+            if cfg.expert_labels == "area-rank":
+                sample = with_area_rank_labels(sample, masks, present, model.null_label)
             if cfg.augment:
                 images, masks = augment(images, masks, draw_augment(len(images), images.shape[-2:], gen))
             lr = learning_rate(cfg, step)

@@ -2,8 +2,11 @@
 
     L = mean ||out - label||^2 + lambda_dice * (1 - softDice(p̂, y)),   p̂ = clamp((x0̂ + 1) / 2, 0, 1)
 
-Each item draws one present annotator uniformly as its x0 and expert label; with probability p_uncond
-the label becomes the null label (the unconditional model that classifier-free guidance needs).
+Each item draws one present annotator uniformly as its x0; its expert label is the annotator's slot
+(`expert_labels="slot"`, for readers who keep their identity across cases) or the rank of its mask by area
+among the item's present masks (`"area-rank"`: 0 = the largest, empty masks last; for anonymous readers,
+as LIDC-IDRI's). With probability p_uncond the label becomes the null label (the unconditional model that
+classifier-free guidance needs).
 """
 
 from __future__ import annotations
@@ -49,6 +52,35 @@ def draw(present: torch.Tensor, null_label: int, n_timesteps: int, p_uncond: flo
     t = torch.randint(0, n_timesteps, (batch,), generator=generator)
     seeds = torch.randint(0, 2**62, (batch,), generator=generator)
     return TrainingDraw(annotator, label, t, seeds)
+
+
+EXPERT_LABELS = ("area-rank", "slot")
+
+
+def area_ranks(masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(B, M_max) int64: the rank of each reader mask by area among its item's present masks, 0 = the largest.
+
+    Absent slots rank after every present one; ties (empty masks above all) keep the slot order.
+    """
+    area = masks.flatten(2).sum(-1).to("cpu", torch.float64)
+    area = torch.where(present.to("cpu", torch.bool), area, torch.full_like(area, -1.0))
+    order = torch.sort(area, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return ranks
+
+
+def with_area_rank_labels(sample: TrainingDraw, masks: torch.Tensor, present: torch.Tensor,
+                          null_label: int) -> TrainingDraw:
+    """`sample` with each non-null label replaced by the area rank of the drawn annotator's mask.
+
+    LIDC-IDRI's readers are anonymous per nodule, so a slot carries no reader's style; the rank does carry
+    something the readers differ in (label 0 = the widest reading, the last = the narrowest, often empty).
+    Sampling with the labels cycled then draws every rank equally often, as the readers' masks do.
+    """
+    rank = area_ranks(masks, present).gather(1, sample.annotator.view(-1, 1)).flatten()
+    label = torch.where(sample.label == null_label, sample.label, rank)
+    return TrainingDraw(sample.annotator, label, sample.t, sample.seeds)
 
 
 def soft_dice(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

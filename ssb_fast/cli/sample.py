@@ -100,8 +100,9 @@ def sample(
         help="Classifier-free guidance w in u + w(c - u): 1 = conditional only, 0 = unconditional.")] = 1.0,
     labels: Annotated[LabelMode, typer.Option(
         "--labels", show_default=True,
-        help="Expert label of mask i: cycle = i mod M (the experts covered evenly), random = drawn per mask "
-             "from --seed.")] = LabelMode.cycle,
+        help="Expert label of mask i: cycle = i mod M (the experts covered evenly; for a model trained with "
+             "--expert-labels area-rank, label k is the k-th widest reading, so cycling draws every rank equally "
+             "often, as the readers' masks do), random = drawn per mask from --seed.")] = LabelMode.cycle,
     ot_ode: Annotated[bool, typer.Option(
         "--ot-ode", help="Deterministic steps (no noise between steps): masks drawn with one label coincide.")]
     = False,

@@ -62,6 +62,12 @@ def train(
                                                       f"(CFG dropout; default {_d('p_uncond')}).")] = None,
     lambda_dice: Annotated[float | None, typer.Option(min=0.0, help=f"Weight of the soft-Dice term "
                                                          f"(default {_d('lambda_dice')}).")] = None,
+    expert_labels: Annotated[str | None, typer.Option(
+        metavar="area-rank|slot",
+        help="What the expert label fed to the U-Net means: area-rank = the rank of the drawn reader's mask by "
+             "area among the case's readers (0 = the widest, empty masks last; for anonymous readers such as "
+             "LIDC-IDRI's), slot = the reader's slot in the dataset (readers who are the same people in every "
+             "case). Default area-rank.")] = None,
     augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Flip and turn each item, and vary its contrast, gamma, blur and noise "
                                        "(default: off). Helps a model trained on semi-synthetic images "
@@ -120,7 +126,8 @@ def train(
         data=data, out=out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, p_uncond=p_uncond,
         lr_schedule=lr_schedule,
-        lambda_dice=lambda_dice, augment=augment, n_timesteps=n_timesteps, beta_max=beta_max, nfe_val=nfe_val,
+        lambda_dice=lambda_dice, expert_labels=expert_labels, augment=augment, n_timesteps=n_timesteps,
+        beta_max=beta_max, nfe_val=nfe_val,
         val_every=val_every,
         val_scans=val_scans, val_samples=val_samples, log_every=log_every, save_every=save_every,
         save_minutes=save_minutes, seed=seed, compile=compile, amp=amp,
