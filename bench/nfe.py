@@ -22,13 +22,17 @@ from ssb_fast.bridge import Bridge
 from ssb_fast.devices import describe_device
 from ssb_fast.metrics import CONVENTIONS, METRIC_NAMES, evaluate
 from ssb_fast.references import (
+    all_empty_cases,
     bootstrap_ratio,
     consensus,
     empty_rate,
+    empty_rate_by_label,
+    empty_rate_by_marked,
     mean_se,
     no_diversity,
     reader_draws,
     reader_empty_rate,
+    reader_empty_rate_by_rank,
     spread_cases,
 )
 from ssb_fast.sampler import Sampler
@@ -69,6 +73,42 @@ def reader_subsets(experts: torch.Tensor, present: torch.Tensor) -> tuple[torch.
                       "two_or_more_marked": (n_marked >= 2).numpy()}
 
 
+def empty_breakdown(masks: torch.Tensor, labels: torch.Tensor, n_labels: int, experts: torch.Tensor,
+                    present: torch.Tensor) -> dict:
+    """Where the empty samples are: by the expert label they were drawn with, and by how many readers marked
+    the case (beside the readers' own rates, in the report's `readers_empty`)."""
+    return {"empty_rate_by_label": empty_rate_by_label(masks, labels, n_labels),
+            "empty_rate_by_marked": {str(m): v for m, v in empty_rate_by_marked(masks, experts, present).items()}}
+
+
+def readers_empty(experts: torch.Tensor, present: torch.Tensor) -> dict:
+    """The readers' empty masks: in all, by rank of area (what area-rank label k should draw) and by how many
+    readers marked the case."""
+    return {"all": reader_empty_rate(experts, present), "by_rank": reader_empty_rate_by_rank(experts, present),
+            "by_marked": {str(m): v["readers"] for m, v in empty_rate_by_marked(experts, experts, present).items()}}
+
+
+def render_empty_breakdown(rows: list[dict], keys: dict[str, str], readers: dict) -> list[str]:
+    """Markdown lines: empty samples by expert label and by readers who marked, one line per row, the readers'
+    own rates last (label k beside the k-th widest reader mask). `keys`: the row fields that name a row, and
+    their column titles."""
+    marked = list(readers["by_marked"])
+    fmt = lambda v: "—" if v is None else f"{v:.0%}"
+    lines = ["", "Empty samples by expert label (the readers: by rank of area) and by how many readers marked "
+             "the case (cases in brackets):", "",
+             "| " + " | ".join(keys.values()) + " | " + " | ".join(f"label {k}" for k in range(len(readers["by_rank"])))
+             + " | " + " | ".join(f"{m} marked ({rows[0]['empty_rate_by_marked'][m]['cases']})" for m in marked)
+             + " |",
+             "|" + " ---: |" * (len(keys) + len(readers["by_rank"]) + len(marked))]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " | "
+                     + " | ".join(fmt(v) for v in r["empty_rate_by_label"]) + " | "
+                     + " | ".join(fmt(r["empty_rate_by_marked"][m]["samples"]) for m in marked) + " |")
+    lines.append("| readers" + " |" * len(keys) + " " + " | ".join(fmt(v) for v in readers["by_rank"]) + " | "
+                 + " | ".join(fmt(readers["by_marked"][m]) for m in marked) + " |")
+    return lines
+
+
 def report_header(kind: str, net, dataset, picks: list[int], cases: int | None, subsets: dict[str, np.ndarray],
                   device: torch.device) -> dict:
     """What every quality report starts with: kind, date, device and versions, the model, and which cases."""
@@ -103,8 +143,9 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
         per_case = case_scores(result.masks, experts, present)
         per_nfe[nfe] = (result.masks, per_case)
         mps = result.stats["masks_per_s"]
-        all_empty = ~result.masks.flatten(2).any(-1).any(-1)  # (S,) cases whose every sample is empty
+        all_empty = all_empty_cases(result.masks)
         rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(result.masks),
+                     **empty_breakdown(result.masks, result.labels, net.config.n_labels, experts, present),
                      "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                      "all_empty_case_ids_2plus_marked": [case_ids[i] for i in
                                                          (all_empty & (n_marked >= 2)).nonzero().flatten().tolist()],
@@ -132,6 +173,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
         **report_header("nfe", net, dataset, picks, cases, subsets, device),
         "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": sorted(nfes),
         "conventions": CONVENTIONS, "rows": rows, "references": references,
+        "readers_empty": readers_empty(experts, present),
     }
 
 
@@ -173,6 +215,8 @@ def render_markdown(report: dict) -> str:
     for key, ref in report["references"].items():
         lines.append(f"| {key} | " + " | ".join(
             f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in ref["subsets"].values()) + " |")
+    if "readers_empty" in report:
+        lines += render_empty_breakdown(report["rows"], {"nfe": "NFE"}, report["readers_empty"])
     lines += ["", "empty: the fraction of empty masks; all empty, ≥ 2 marked: cases whose every sample is empty "
               "although two or more readers marked the nodule.",
               "", "Empty masks: IoU(∅,∅) = Dice(∅,∅) = 1; GED squared over all ordered pairs including i = j; "

@@ -12,10 +12,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ssb_fast.bench.nfe import case_scores, plus_minus, reader_subsets, report_header, summarise_scores
+from ssb_fast.bench.nfe import (
+    case_scores,
+    empty_breakdown,
+    plus_minus,
+    reader_subsets,
+    readers_empty,
+    render_empty_breakdown,
+    report_header,
+    summarise_scores,
+)
 
 from ssb_fast.bridge import Bridge
-from ssb_fast.references import bootstrap_ratio, empty_rate, no_diversity, reader_empty_rate, spread_cases
+from ssb_fast.references import (
+    all_empty_cases,
+    bootstrap_ratio,
+    empty_rate,
+    no_diversity,
+    reader_empty_rate,
+    spread_cases,
+)
 from ssb_fast.sampler import Sampler
 
 
@@ -47,10 +63,11 @@ def run_settings_sweep(net, bridge: Bridge, dataset, nfe: int = 10, n_samples: i
                 masks = (result.soft > threshold).to(torch.uint8)
                 per_case = case_scores(masks, experts, present)
                 ratio, low, high = bootstrap_ratio(per_case["ged"], reference["ged"], seed=seed)
-                all_empty = ~masks.flatten(2).any(-1).any(-1)
+                all_empty = all_empty_cases(masks)
                 rows.append({"labels": mode, "guidance": w, "threshold": threshold,
                              **summarise_scores(per_case, subsets),
                              "empty_rate": empty_rate(masks),
+                             **empty_breakdown(masks, result.labels, net.config.n_labels, experts, present),
                              "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                              "ged_ratio_to_no_diversity": {"ratio": ratio, "low": low, "high": high},
                              "masks_per_s": result.stats["masks_per_s"]})
@@ -60,6 +77,7 @@ def run_settings_sweep(net, bridge: Bridge, dataset, nfe: int = 10, n_samples: i
         "no_diversity": {**summarise_scores(reference, subsets),
                          "empty_rate": empty_rate(no_diversity(experts, present, n_samples))},
         "readers_empty_rate": reader_empty_rate(experts, present),
+        "readers_empty": readers_empty(experts, present),
     }
 
 
@@ -80,6 +98,9 @@ def render_markdown(report: dict) -> str:
                      f"{r['empty_rate']:.1%} | {r['all_empty_cases_2plus_marked']} | "
                      + " | ".join(f"{r['subsets'][s]['ged']:.3f} ± {r['subsets'][s]['ged_se']:.3f}" for s in subsets)
                      + " |")
+    if "readers_empty" in report:
+        lines += render_empty_breakdown(report["rows"], {"labels": "labels", "guidance": "w", "threshold": "threshold"},
+                                        report["readers_empty"])
     ref = report["no_diversity"]
     lines += ["", f"No diversity (N × the readers' majority): GED {plus_minus(ref['ged'])}, "
               f"D_max {plus_minus(ref['d_max'])}, "

@@ -109,11 +109,53 @@ def empty_rate(masks: torch.Tensor) -> float:
     return float((flat.sum(1) == 0).float().mean()) if flat.shape[0] else float("nan")
 
 
+def all_empty_cases(masks: torch.Tensor) -> torch.Tensor:
+    """(S,) bool: the cases (S, N, H, W) whose every mask is empty."""
+    return torch.as_tensor(masks).flatten(1).sum(1) == 0
+
+
 def reader_empty_rate(experts: torch.Tensor, present: torch.Tensor) -> float:
     """Fraction of the present reader masks that are empty."""
     experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()
     chosen = experts[present]
     return empty_rate(chosen) if chosen.numel() else float("nan")
+
+
+def empty_rate_by_label(masks: torch.Tensor, labels: torch.Tensor, n_labels: int) -> list[float | None]:
+    """The fraction of empty masks (S, N, H, W) drawn with each expert label 0..n_labels-1 (labels (S, N));
+    None for a label no mask was drawn with."""
+    empty = torch.as_tensor(masks).flatten(2).sum(-1) == 0
+    labels = torch.as_tensor(labels)
+    return [float(empty[labels == k].float().mean()) if (labels == k).any() else None for k in range(n_labels)]
+
+
+def reader_empty_rate_by_rank(experts: torch.Tensor, present: torch.Tensor) -> list[float | None]:
+    """For each rank k, the fraction of cases whose k-th widest present reader mask is empty (cases with
+    fewer than k + 1 present readers left out): what the expert labels of a model trained with area-rank
+    labels should draw."""
+    experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()
+    area = torch.where(present, experts.flatten(2).sum(-1).double(), torch.full(present.shape, -1.0,
+                                                                                  dtype=torch.float64))
+    ranked = area.sort(1, descending=True).values  # absent readers (-1) last
+    rates = []
+    for k in range(ranked.shape[1]):
+        have = ranked[:, k] >= 0
+        rates.append(float((ranked[have, k] == 0).double().mean()) if have.any() else None)
+    return rates
+
+
+def empty_rate_by_marked(masks: torch.Tensor, experts: torch.Tensor, present: torch.Tensor) -> dict[int, dict]:
+    """Cases grouped by how many readers marked the nodule: {m: {"cases", "samples", "readers"}}, the
+    fraction of the samples that are empty beside the fraction of those cases' reader masks that are."""
+    experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()
+    marked = ((experts.flatten(2).sum(-1) > 0) & present).sum(1)
+    empty = torch.as_tensor(masks).flatten(2).sum(-1) == 0
+    out = {}
+    for m in sorted(set(marked.tolist())):
+        sel = marked == m
+        out[int(m)] = {"cases": int(sel.sum()), "samples": float(empty[sel].float().mean()),
+                       "readers": reader_empty_rate(experts[sel], present[sel])}
+    return out
 
 
 def score_sets(samples, experts, present, keys=("ged", "d_max", "ci", "hm_iou")) -> dict:

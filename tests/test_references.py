@@ -11,11 +11,14 @@ from ssb_fast.references import (
     bootstrap_ratio,
     consensus,
     empty_rate,
+    empty_rate_by_label,
+    empty_rate_by_marked,
     majority_vote,
     mean_se,
     no_diversity,
     reader_draws,
     reader_empty_rate,
+    reader_empty_rate_by_rank,
     spread_cases,
 )
 
@@ -57,6 +60,31 @@ def test_reference_sets():
     assert 0.3 < empty_rate(draws[0]) < 0.7  # half the readers of case 0 are empty
     assert reader_empty_rate(experts, present) == pytest.approx(3 / 6)
     assert torch.equal(consensus(draws[:1], 3)[0, 0], majority_vote(draws[:1])[0])
+
+
+def test_empty_rates_by_label_by_rank_and_by_readers_who_marked():
+    experts = torch.zeros(3, 4, 4, 4, dtype=torch.uint8)
+    experts[0, 1, :2] = 1          # case 0: one reader marked
+    experts[1, :, :1] = 1          # case 1: all four marked
+    experts[1, 2, :3] = 1
+    experts[2, 0, 0, 0] = 1        # case 2: two of three present readers marked (slot 3 absent, marked)
+    experts[2, 2, :2] = 1
+    experts[2, 3] = 1
+    present = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])
+    # rank 0 is never empty; rank 1 is empty in case 0 only; rank 2 in cases 0 and 2; rank 3 (two cases
+    # have a fourth reader) in case 0 only
+    assert reader_empty_rate_by_rank(experts, present) == pytest.approx([0.0, 1 / 3, 2 / 3, 1 / 2])
+    samples = torch.zeros(3, 4, 4, 4, dtype=torch.uint8)
+    samples[:, 0] = 1                # label 0 always marks
+    samples[1, 1] = 1                # label 1 marks on case 1 only
+    labels = torch.tensor([[0, 1, 2, 2]] * 3)
+    rates = empty_rate_by_label(samples, labels, 4)
+    assert rates[:3] == pytest.approx([0.0, 2 / 3, 1.0]) and rates[3] is None  # no mask drew label 3
+    by_marked = empty_rate_by_marked(samples, experts, present)
+    assert list(by_marked) == [1, 2, 4]
+    assert by_marked[1] == {"cases": 1, "samples": 0.75, "readers": 0.75}
+    assert by_marked[2] == {"cases": 1, "samples": 0.75, "readers": pytest.approx(1 / 3)}
+    assert by_marked[4] == {"cases": 1, "samples": 0.5, "readers": 0.0}
 
 
 def test_mean_se_and_bootstrap_ratio():
