@@ -11,7 +11,14 @@ import torch
 import torch.multiprocessing as mp
 from ssb_fast.train.batches import ShuffledStream
 from ssb_fast.train.loop import TrainConfig, train
-from ssb_fast.train.loss import area_ranks, draw, soft_dice, ssb_loss, with_area_rank_labels
+from ssb_fast.train.loss import (
+    area_ranks,
+    draw,
+    resolve_expert_labels,
+    soft_dice,
+    ssb_loss,
+    with_area_rank_labels,
+)
 from typer.testing import CliRunner
 
 from ssb_fast import load_model
@@ -101,8 +108,14 @@ def test_training_feeds_the_area_rank_or_the_slot_as_chosen(synthetic_dir, tmp_p
             assert torch.equal(label, want)
         assert any(not torch.equal(lab, ann) for lab, ann, _ in seen) or mode == "slot"
     assert TrainConfig.from_dict({"data": "d", "out": "o"}).expert_labels == "slot"
-    assert TrainConfig(data="d", out="o").expert_labels == "area-rank"
-    with pytest.raises(ValueError, match="expert_labels must be one of area-rank, slot"):
+    assert TrainConfig(data="d", out="o").expert_labels == "auto"
+    # auto: the synthetic data names its annotators (slot k is one style in every case); LIDC's are anonymous
+    train(tiny_config(synthetic_dir, tmp_path / "auto", steps=1), progress=False)
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["expert_labels"] == "slot"
+    assert resolve_expert_labels("auto", {"name": "lidc-contours"}) == "area-rank"
+    assert resolve_expert_labels("auto", None) == "area-rank"
+    assert resolve_expert_labels("slot", {}) == "slot"
+    with pytest.raises(ValueError, match="expert_labels must be one of auto, area-rank, slot"):
         TrainConfig(data="d", out="o", expert_labels="size").check()
 
 
@@ -151,6 +164,9 @@ def test_resume_continues_bit_for_bit(synthetic_dir, tmp_path):
     """A run of 10 steps resumed with the target raised to 20 equals a run of 20. A cosine schedule would change
     with the target (it decays towards --steps), so this one is constant; tests/test_train_faults.py resumes
     cosine runs stopped short of an unchanged target."""
+    from ssb_fast.devices import set_threads
+
+    set_threads(None)  # the thread count the CLI sets below: CPU sums are bit-exact only at one thread count
     straight = train(tiny_config(synthetic_dir, tmp_path / "straight", steps=20, lr_schedule="constant"),
                      progress=False)
     half = tmp_path / "split"

@@ -37,7 +37,7 @@ from ssb_fast.train.distributed import (
     shutdown,
 )
 from ssb_fast.train.ema import EMA
-from ssb_fast.train.loss import EXPERT_LABELS, draw, ssb_loss, with_area_rank_labels
+from ssb_fast.train.loss import EXPERT_LABELS, draw, resolve_expert_labels, ssb_loss, with_area_rank_labels
 from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel
 
@@ -93,7 +93,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     lambda_dice: float = 0.1
-    expert_labels: str = "area-rank"
+    expert_labels: str = "auto"
     augment: bool = False
     n_timesteps: int = 1000
     beta_max: float = 0.3
@@ -355,6 +355,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
     except FileNotFoundError:
         val_set = None
     bridge = Bridge(cfg.n_timesteps, cfg.beta_max)
+    cfg.expert_labels = resolve_expert_labels(cfg.expert_labels, dataset.meta)  # the config records the choice
     model_cfg = build_model_config(cfg, dataset)
     torch.manual_seed(hash_seed(cfg.seed, "init"))
     set_deterministic(cfg.deterministic, device)

@@ -5,7 +5,7 @@
 Each item draws one present annotator uniformly as its x0; its expert label is the annotator's slot
 (`expert_labels="slot"`, for readers who keep their identity across cases) or the rank of its mask by area
 among the item's present masks (`"area-rank"`: 0 = the largest, empty masks last; for anonymous readers,
-as LIDC-IDRI's). With probability p_uncond the label becomes the null label (the unconditional model that
+as LIDC-IDRI's); `resolve_expert_labels` chooses for `"auto"`. With probability p_uncond the label becomes the null label (the unconditional model that
 classifier-free guidance needs).
 """
 
@@ -54,7 +54,16 @@ def draw(present: torch.Tensor, null_label: int, n_timesteps: int, p_uncond: flo
     return TrainingDraw(annotator, label, t, seeds)
 
 
-EXPERT_LABELS = ("area-rank", "slot")
+EXPERT_LABELS = ("auto", "area-rank", "slot")
+
+
+def resolve_expert_labels(choice: str, meta: dict | None) -> str:
+    """`auto`: `slot` when the dataset says its reader k is the same annotator in every case (its meta names
+    the annotators' styles, as the synthetic data does), else `area-rank` (LIDC-IDRI's readers are anonymous
+    per nodule, as are those of every imported LIDC layout)."""
+    if choice != "auto":
+        return choice
+    return "slot" if (meta or {}).get("annotator_styles") else "area-rank"
 
 
 def area_ranks(masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

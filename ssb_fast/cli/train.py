@@ -63,11 +63,12 @@ def train(
     lambda_dice: Annotated[float | None, typer.Option(min=0.0, help=f"Weight of the soft-Dice term "
                                                          f"(default {_d('lambda_dice')}).")] = None,
     expert_labels: Annotated[str | None, typer.Option(
-        metavar="area-rank|slot",
+        metavar="auto|area-rank|slot",
         help="What the expert label fed to the U-Net means: area-rank = the rank of the drawn reader's mask by "
              "area among the case's readers (0 = the widest, empty masks last; for anonymous readers such as "
              "LIDC-IDRI's), slot = the reader's slot in the dataset (readers who are the same people in every "
-             "case). Default area-rank.")] = None,
+             "case). Default auto: slot when the dataset names its annotators (the synthetic data), else "
+             "area-rank.")] = None,
     augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Flip and turn each item, and vary its contrast, gamma, blur and noise "
                                        "(default: off). Helps a model trained on semi-synthetic images "
