@@ -129,14 +129,18 @@ def empty_rate_by_label(masks: torch.Tensor, labels: torch.Tensor, n_labels: int
     return [float(empty[labels == k].float().mean()) if (labels == k).any() else None for k in range(n_labels)]
 
 
+def present_areas(experts: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(S, M) float64: each reader mask's area in pixels, -1 for an absent reader (so it sorts last)."""
+    experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()
+    area = experts.flatten(2).sum(-1).double()
+    return torch.where(present, area, torch.full_like(area, -1.0))
+
+
 def reader_empty_rate_by_rank(experts: torch.Tensor, present: torch.Tensor) -> list[float | None]:
     """For each rank k, the fraction of cases whose k-th widest present reader mask is empty (cases with
     fewer than k + 1 present readers left out): what the expert labels of a model trained with area-rank
     labels should draw."""
-    experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()
-    area = torch.where(present, experts.flatten(2).sum(-1).double(), torch.full(present.shape, -1.0,
-                                                                                  dtype=torch.float64))
-    ranked = area.sort(1, descending=True).values  # absent readers (-1) last
+    ranked = present_areas(experts, present).sort(1, descending=True).values  # absent readers (-1) last
     rates = []
     for k in range(ranked.shape[1]):
         have = ranked[:, k] >= 0

@@ -5,8 +5,8 @@
 Each item draws one present annotator uniformly as its x0; its expert label is the annotator's slot
 (`expert_labels="slot"`, for readers who keep their identity across cases) or the rank of its mask by area
 among the item's present masks (`"area-rank"`: 0 = the largest, empty masks last; for anonymous readers,
-as LIDC-IDRI's); `resolve_expert_labels` chooses for `"auto"`. With probability p_uncond the label becomes the null label (the unconditional model that
-classifier-free guidance needs).
+as LIDC-IDRI's); `resolve_expert_labels` chooses for `"auto"`. With probability p_uncond the label becomes
+the null label (the unconditional model that classifier-free guidance needs).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ssb_fast.bridge import Bridge
+from ssb_fast.references import present_areas
 
 
 @dataclass
@@ -71,9 +72,7 @@ def area_ranks(masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
     Absent slots rank after every present one; ties (empty masks above all) keep the slot order.
     """
-    area = masks.flatten(2).sum(-1).to("cpu", torch.float64)
-    area = torch.where(present.to("cpu", torch.bool), area, torch.full_like(area, -1.0))
-    order = torch.sort(area, dim=1, descending=True, stable=True).indices
+    order = torch.sort(present_areas(masks.cpu(), present.cpu()), dim=1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
     return ranks
