@@ -85,7 +85,7 @@ def readers_empty(experts: torch.Tensor, present: torch.Tensor) -> dict:
     """The readers' empty masks: in all, by rank of area (what area-rank label k should draw) and by how many
     readers marked the case."""
     return {"all": reader_empty_rate(experts, present), "by_rank": reader_empty_rate_by_rank(experts, present),
-            "by_marked": {str(m): v["readers"] for m, v in empty_rate_by_marked(experts, experts, present).items()}}
+            "by_marked": {str(m): v["readers"] for m, v in empty_rate_by_marked(None, experts, present).items()}}
 
 
 def render_empty_breakdown(rows: list[dict], keys: dict[str, str], readers: dict) -> list[str]:

@@ -148,17 +148,20 @@ def reader_empty_rate_by_rank(experts: torch.Tensor, present: torch.Tensor) -> l
     return rates
 
 
-def empty_rate_by_marked(masks: torch.Tensor, experts: torch.Tensor, present: torch.Tensor) -> dict[int, dict]:
+def empty_rate_by_marked(masks: torch.Tensor | None, experts: torch.Tensor,
+                         present: torch.Tensor) -> dict[int, dict]:
     """Cases grouped by how many readers marked the nodule: {m: {"cases", "samples", "readers"}}, the
-    fraction of the samples that are empty beside the fraction of those cases' reader masks that are."""
+    fraction of the samples that are empty beside the fraction of those cases' reader masks that are
+    (`masks` None: the readers' alone, without "samples")."""
     experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()
     marked = ((experts.flatten(2).sum(-1) > 0) & present).sum(1)
-    empty = torch.as_tensor(masks).flatten(2).sum(-1) == 0
+    empty = None if masks is None else torch.as_tensor(masks).flatten(2).sum(-1) == 0
     out = {}
     for m in sorted(set(marked.tolist())):
         sel = marked == m
-        out[int(m)] = {"cases": int(sel.sum()), "samples": float(empty[sel].float().mean()),
-                       "readers": reader_empty_rate(experts[sel], present[sel])}
+        out[int(m)] = {"cases": int(sel.sum()), "readers": reader_empty_rate(experts[sel], present[sel])}
+        if empty is not None:
+            out[int(m)]["samples"] = float(empty[sel].float().mean())
     return out
 
 

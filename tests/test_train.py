@@ -77,7 +77,7 @@ def test_area_rank_labels_replace_the_slot_but_keep_the_null_label():
     present = torch.ones(4, 4, dtype=torch.bool)
     d = draw(present, null_label=4, n_timesteps=1000, p_uncond=0.0, generator=torch.Generator().manual_seed(0))
     d.label[1] = 4  # as if dropped for CFG
-    ranked = with_area_rank_labels(d, masks, present, null_label=4)
+    ranked = with_area_rank_labels(d, area_ranks(masks, present), null_label=4)
     expected = (3 - d.annotator).tolist()
     expected[1] = 4
     assert ranked.label.tolist() == expected

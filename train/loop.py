@@ -37,7 +37,14 @@ from ssb_fast.train.distributed import (
     shutdown,
 )
 from ssb_fast.train.ema import EMA
-from ssb_fast.train.loss import EXPERT_LABELS, draw, resolve_expert_labels, ssb_loss, with_area_rank_labels
+from ssb_fast.train.loss import (
+    EXPERT_LABELS,
+    area_ranks,
+    draw,
+    resolve_expert_labels,
+    ssb_loss,
+    with_area_rank_labels,
+)
 from ssb_fast.train.validate import validate, validation_references
 from torch.nn.parallel import DistributedDataParallel
 
@@ -390,6 +397,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
         net = torch.compile(net)
     stream = ShuffledStream(len(dataset), cfg.seed)
     batches = BatchSource(dataset, device)
+    # Area ranks of the whole split, once on the CPU: a step then only indexes them (no device work, no sync).
+    ranks = area_ranks(dataset.masks, dataset.present) if cfg.expert_labels == "area-rank" else None
     log_path = run_dir / LOG_FILE
     effective_batch = cfg.batch_size * ctx.world_size
 
@@ -430,11 +439,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, loa
         while step < cfg.steps:
             torch.manual_seed(hash_seed(cfg.seed, "step", step, ctx.rank))  # dropout
             gen = torch.Generator().manual_seed(hash_seed(cfg.seed, "draw", step, ctx.rank))
-            images, masks, present = batches.batch(stream.batch_indices(step, cfg.batch_size, ctx.rank,
-                                                                        ctx.world_size))
+            indices = stream.batch_indices(step, cfg.batch_size, ctx.rank, ctx.world_size)
+            images, masks, present = batches.batch(indices)
             sample = draw(present, model.null_label, cfg.n_timesteps, cfg.p_uncond, gen)
-            if cfg.expert_labels == "area-rank":
-                sample = with_area_rank_labels(sample, masks, present, model.null_label)
+            if ranks is not None:
+                sample = with_area_rank_labels(sample, ranks[indices], model.null_label)
             if cfg.augment:
                 images, masks = augment(images, masks, draw_augment(len(images), images.shape[-2:], gen))
             lr = learning_rate(cfg, step)

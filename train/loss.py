@@ -78,15 +78,15 @@ def area_ranks(masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def with_area_rank_labels(sample: TrainingDraw, masks: torch.Tensor, present: torch.Tensor,
-                          null_label: int) -> TrainingDraw:
-    """`sample` with each non-null label replaced by the area rank of the drawn annotator's mask.
+def with_area_rank_labels(sample: TrainingDraw, ranks: torch.Tensor, null_label: int) -> TrainingDraw:
+    """`sample` with each non-null label replaced by the area rank of the drawn annotator's mask; `ranks` is
+    `area_ranks` of the batch's items (B, M_max), on the CPU like the draw.
 
     LIDC-IDRI's readers are anonymous per nodule, so a slot carries no reader's style; the rank does carry
     something the readers differ in (label 0 = the widest reading, the last = the narrowest, often empty).
     Sampling with the labels cycled then draws every rank equally often, as the readers' masks do.
     """
-    rank = area_ranks(masks, present).gather(1, sample.annotator.view(-1, 1)).flatten()
+    rank = ranks.gather(1, sample.annotator.view(-1, 1)).flatten()
     label = torch.where(sample.label == null_label, sample.label, rank)
     return TrainingDraw(sample.annotator, label, sample.t, sample.seeds)
 
