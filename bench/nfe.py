@@ -29,6 +29,7 @@ from ssb_fast.references import (
     empty_rate_by_label,
     empty_rate_by_marked,
     mean_se,
+    mixed_share_by_label,
     no_diversity,
     reader_draws,
     reader_empty_rate,
@@ -76,8 +77,10 @@ def reader_subsets(experts: torch.Tensor, present: torch.Tensor) -> tuple[torch.
 def empty_breakdown(masks: torch.Tensor, labels: torch.Tensor, n_labels: int, experts: torch.Tensor,
                     present: torch.Tensor) -> dict:
     """Where the empty samples are: by the expert label they were drawn with, and by how many readers marked
-    the case (beside the readers' own rates, in the report's `readers_empty`)."""
+    the case (beside the readers' own rates, in the report's `readers_empty`); and per label, how often the
+    masks of one case disagree on empty vs marked (0: the sampler draws one outcome per case and label)."""
     return {"empty_rate_by_label": empty_rate_by_label(masks, labels, n_labels),
+            "mixed_share_by_label": mixed_share_by_label(masks, labels, n_labels),
             "empty_rate_by_marked": {str(m): v for m, v in empty_rate_by_marked(masks, experts, present).items()}}
 
 
@@ -106,6 +109,15 @@ def render_empty_breakdown(rows: list[dict], keys: dict[str, str], readers: dict
                      + " | ".join(fmt(r["empty_rate_by_marked"][m]["samples"]) for m in marked) + " |")
     lines.append("| readers" + " |" * len(keys) + " " + " | ".join(fmt(v) for v in readers["by_rank"]) + " | "
                  + " | ".join(fmt(readers["by_marked"][m]) for m in marked) + " |")
+    if all("mixed_share_by_label" in r for r in rows):
+        lines += ["", "Cases whose masks of one expert label disagree on empty vs marked (0%: each label draws one "
+                  "outcome per case, its mode; `ssb-fast bench bridge-odds` shows why):", "",
+                  "| " + " | ".join(keys.values()) + " | "
+                  + " | ".join(f"label {k}" for k in range(len(readers["by_rank"]))) + " |",
+                  "|" + " ---: |" * (len(keys) + len(readers["by_rank"]))]
+        for r in rows:
+            lines.append("| " + " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+                         + " | " + " | ".join(fmt(v) for v in r["mixed_share_by_label"]) + " |")
     return lines
 
 

@@ -129,6 +129,23 @@ def empty_rate_by_label(masks: torch.Tensor, labels: torch.Tensor, n_labels: int
     return [float(empty[labels == k].float().mean()) if (labels == k).any() else None for k in range(n_labels)]
 
 
+def mixed_share_by_label(masks: torch.Tensor, labels: torch.Tensor, n_labels: int) -> list[float | None]:
+    """For each expert label, the fraction of cases whose masks drawn with it (two or more) disagree on
+    empty vs marked. Near 0 means the sampler draws one outcome per (case, label), its mode: whatever
+    diversity of presence it shows comes from the labels alone (see `ssb-fast bench bridge-odds`)."""
+    marked = torch.as_tensor(masks).flatten(2).sum(-1) > 0  # (S, N)
+    labels = torch.as_tensor(labels)
+    shares = []
+    for k in range(n_labels):
+        sel = labels == k
+        count = sel.sum(1)
+        n_marked = (marked & sel).sum(1)
+        have = count >= 2
+        mixed = (n_marked > 0) & (n_marked < count)
+        shares.append(float(mixed[have].float().mean()) if have.any() else None)
+    return shares
+
+
 def present_areas(experts: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """(S, M) float64: each reader mask's area in pixels, -1 for an absent reader (so it sorts last)."""
     experts, present = torch.as_tensor(experts), torch.as_tensor(present).bool()

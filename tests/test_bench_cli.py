@@ -101,12 +101,14 @@ def test_bench_nfe_counts_cases_whose_every_sample_is_empty(run, monkeypatch):
     assert row["all_empty_cases_2plus_marked"] == len(want) and row["empty_rate"] == 1.0
     # every mask was drawn with label 0 and is empty, whoever marked the case
     assert row["empty_rate_by_label"] == [1.0] + [None] * (net.config.n_labels - 1)
+    assert row["mixed_share_by_label"] == [0.0] + [None] * (net.config.n_labels - 1)  # all empty: none disagree
     by_marked = row["empty_rate_by_marked"]
     assert sum(v["cases"] for v in by_marked.values()) == len(dataset)
     assert all(v["samples"] == 1.0 for v in by_marked.values())
     assert report["readers_empty"]["by_rank"][0] == 0.0  # the widest reading of a case is never empty here
     markdown = nfe_module.render_markdown(report)
     assert "| 1 |" in markdown and "| 1 | 100% | — |" in markdown
+    assert "disagree on empty vs marked" in markdown and "| 1 | 0% | — |" in markdown
 
 
 def test_bench_settings_scores_every_setting_and_agrees_with_bench_nfe(run, tmp_path):

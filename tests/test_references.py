@@ -12,6 +12,7 @@ from ssb_fast.references import (
     consensus,
     empty_rate,
     empty_rate_by_label,
+    mixed_share_by_label,
     empty_rate_by_marked,
     majority_vote,
     mean_se,
@@ -80,6 +81,11 @@ def test_empty_rates_by_label_by_rank_and_by_readers_who_marked():
     labels = torch.tensor([[0, 1, 2, 2]] * 3)
     rates = empty_rate_by_label(samples, labels, 4)
     assert rates[:3] == pytest.approx([0.0, 2 / 3, 1.0]) and rates[3] is None  # no mask drew label 3
+    # label 2 has two masks per case: none disagree, until case 2's first label-2 mask marks
+    assert mixed_share_by_label(samples, labels, 4) == [None, None, 0.0, None]
+    one_marks = samples.clone()
+    one_marks[2, 2, 1, 1] = 1
+    assert mixed_share_by_label(one_marks, labels, 4)[2] == pytest.approx(1 / 3)
     by_marked = empty_rate_by_marked(samples, experts, present)
     assert list(by_marked) == [1, 2, 4]
     assert by_marked[1] == {"cases": 1, "samples": 0.75, "readers": 0.75}

@@ -380,6 +380,64 @@ def settings(
     typer.echo(f"wrote {paths[0]} and {paths[1]}")
 
 
+@bench_app.command("bridge-odds", epilog=(
+    "Example:\n\n"
+    "  ssb-fast bench bridge-odds --beta-max 0.3,1,3,10,30 --nfe 10,20 --area 10,30,100,300 --prior 0.3,0.6"))
+def bridge_odds(
+    beta_maxes: Annotated[str, typer.Option("--beta-max", show_default=True,
+                                            help="Bridge beta_max values, comma-separated.")] = "0.3,1,3,10,30",
+    nfes: Annotated[str, typer.Option("--nfe", show_default=True, help="NFE values, comma-separated.")] = "10,20",
+    areas: Annotated[str, typer.Option("--area", show_default=True,
+                                       help="Region areas in pixels, comma-separated (LIDC nodules at 64² and "
+                                            "1 mm: median ~30 px).")] = "10,30,100,300",
+    priors: Annotated[str, typer.Option("--prior", show_default=True,
+                                        help="P(marked) of the region, comma-separated, each in (0, 1).")] = "0.3,0.6",
+    n_timesteps: Annotated[int, typer.Option("--n-timesteps", min=2, show_default=True,
+                                             help="Bridge timesteps.")] = 1000,
+    n_draws: Annotated[int, typer.Option("--draws", min=10, show_default=True,
+                                         help="Masks per cell (binomial s.e. ≤ 0.5 / sqrt(draws)).")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", min=0, show_default=True, help="Seed of the keyed noise.")] = 0,
+    threads: ThreadsOption = None,
+    out: OutDirOption = None,
+    no_progress: NoProgressOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Whether a bridge setting can draw the readers' odds at all: the sampler with a Bayes-optimal network.
+
+    For a region of A pixels that the readers mark with probability P, a perfect model sampled with this
+    project's sampler should mark it in a share P of the masks. Every mask of a scan starts at the scan
+    itself, so that choice comes only from the bridge's noise; with little noise (I2SB's beta_max 0.3) the
+    first step decides by the posterior mean and the sampler draws the likelier outcome nearly always.
+    Runs on the CPU in seconds; writes bridge-odds.json and bridge-odds.md.
+    """
+    from ssb_fast.bench.bridge_odds import render_markdown, run_bridge_odds
+
+    try:
+        set_threads(threads)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    bmax = _numbers(beta_maxes, float, "--beta-max", 1e-6)
+    steps = _numbers(nfes, int, "--nfe", 1)
+    sizes = _numbers(areas, int, "--area", 1)
+    odds = _numbers(priors, float, "--prior", 1e-6)
+    if any(p >= 1 for p in odds):
+        fail(f"--prior takes probabilities in (0, 1); got {priors!r}", ExitCode.BAD_ARGUMENTS)
+    if n_timesteps % 2:
+        fail(f"--n-timesteps must be even (the schedule is mirrored); got {n_timesteps}", ExitCode.BAD_ARGUMENTS)
+    log = None if no_progress else (lambda message: typer.echo(message, err=True))
+    try:
+        report = run_bridge_odds(bmax, steps, sizes, odds, n_timesteps, n_draws, seed, log)
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
+    out_dir = out if out is not None else default_out_dir("cpu", report["date"])
+    paths = write_report(out_dir, "bridge-odds", report, render_markdown(report))
+    if json_out:
+        print_json(report)
+        return
+    typer.echo(render_markdown(report))
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
 @bench_app.command("gpu-check")
 def gpu_check(
     model: Annotated[Path | None, typer.Option(
