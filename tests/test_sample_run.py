@@ -68,7 +68,9 @@ def test_folder_layout_and_case_files(run, tmp_path):
     args = json.loads((out / ARGS_FILE).read_text())
     assert args["n_samples"] == 5 and args["nfe"] == 3 and args["max_batch"] == 32 and args["soft"] is True
     assert args["case_ids"] == ["synthetic_00004", "synthetic_00000"] and args["input"]["split"] == "train"
-    assert len(args["model_sha256"]) == 64 and args["bridge"] == {"beta_max": 0.3, "n_timesteps": 1000}
+    trained = json.loads((run_dir / "config.json").read_text())["bridge"]  # the run's bridge, not a default
+    assert trained["beta_max"] == 10.0
+    assert len(args["model_sha256"]) == 64 and args["bridge"] == trained
     assert json.loads((out / SUMMARY_FILE).read_text()) == json.loads(json.dumps(summary))
     assert [c["case_id"] for c in summary["cases"]] == ["synthetic_00004", "synthetic_00000"]
     case = read_case_file(out / CASES_DIR / "synthetic_00004.npz")
@@ -173,7 +175,7 @@ def test_image_files_have_no_experts(run, tmp_path):
     # 8-bit pixels map 0..255 onto [-1, 1]; then the masks are the Sampler's for that scan and case id
     model = load_model(run_dir / "model.safetensors")
     scan = torch.from_numpy((pixels_b / 255.0 * 2 - 1).astype(np.float32))[None, None]
-    direct = Sampler(model, Bridge(), nfe=3).sample(scan, 5, case_ids=["scan_b"])
+    direct = Sampler(model, Bridge(**model.run_config["bridge"]), nfe=3).sample(scan, 5, case_ids=["scan_b"])
     assert np.array_equal(got.samples[1], direct.masks[0].numpy())
     # a file changed since: its finished case belongs to other pixels and is not reused
     np.save(tmp_path / "scan_b.npy", 255 - pixels_b)

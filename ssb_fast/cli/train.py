@@ -75,7 +75,11 @@ def train(
                                        "on real scans.")] = None,
     n_timesteps: Annotated[int | None, typer.Option(min=2, help=f"Bridge timesteps "
                                                        f"(default {_d('n_timesteps')}).")] = None,
-    beta_max: Annotated[float | None, typer.Option(help=f"Bridge beta_max (default {_d('beta_max')}).")] = None,
+    beta_max: Annotated[float | None, typer.Option(help=(
+        f"Bridge beta_max, the bridge's noise (default {_d('beta_max')}). Every mask of a scan starts at the scan, "
+        "so whether a mask marks a nodule only some readers marked is drawn from this noise: at I2SB's 0.3 "
+        "each (scan, label) draws its likelier outcome nearly always; `ssb-fast bench bridge-odds` shows the "
+        "odds a setting can draw for your region sizes."))] = None,
     nfe_val: Annotated[int | None, typer.Option(min=1, help=f"NFE of validation sampling "
                                                    f"(default {_d('nfe_val')}).")] = None,
     val_every: Annotated[int | None, typer.Option(min=0, help=f"Validate every K steps, 0 = never "
