@@ -97,14 +97,16 @@ def render_empty_breakdown(rows: list[dict], keys: dict[str, str], readers: dict
     their column titles."""
     marked = list(readers["by_marked"])
     fmt = lambda v: "—" if v is None else f"{v:.0%}"
+    name = lambda r: " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+    label_titles = " | ".join(f"label {k}" for k in range(len(readers["by_rank"])))
     lines = ["", "Empty samples by expert label (the readers: by rank of area) and by how many readers marked "
              "the case (cases in brackets):", "",
-             "| " + " | ".join(keys.values()) + " | " + " | ".join(f"label {k}" for k in range(len(readers["by_rank"])))
+             "| " + " | ".join(keys.values()) + " | " + label_titles
              + " | " + " | ".join(f"{m} marked ({rows[0]['empty_rate_by_marked'][m]['cases']})" for m in marked)
              + " |",
              "|" + " ---: |" * (len(keys) + len(readers["by_rank"]) + len(marked))]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " | "
+        lines.append("| " + name(r) + " | "
                      + " | ".join(fmt(v) for v in r["empty_rate_by_label"]) + " | "
                      + " | ".join(fmt(r["empty_rate_by_marked"][m]["samples"]) for m in marked) + " |")
     lines.append("| readers" + " |" * len(keys) + " " + " | ".join(fmt(v) for v in readers["by_rank"]) + " | "
@@ -112,12 +114,9 @@ def render_empty_breakdown(rows: list[dict], keys: dict[str, str], readers: dict
     if all("mixed_share_by_label" in r for r in rows):
         lines += ["", "Cases whose masks of one expert label disagree on empty vs marked (0%: each label draws one "
                   "outcome per case, its mode; `ssb-fast bench bridge-odds` shows why):", "",
-                  "| " + " | ".join(keys.values()) + " | "
-                  + " | ".join(f"label {k}" for k in range(len(readers["by_rank"]))) + " |",
+                  "| " + " | ".join(keys.values()) + " | " + label_titles + " |",
                   "|" + " ---: |" * (len(keys) + len(readers["by_rank"]))]
-        for r in rows:
-            lines.append("| " + " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
-                         + " | " + " | ".join(fmt(v) for v in r["mixed_share_by_label"]) + " |")
+        lines += ["| " + name(r) + " | " + " | ".join(fmt(v) for v in r["mixed_share_by_label"]) + " |" for r in rows]
     return lines
 
 
