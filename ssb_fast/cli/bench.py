@@ -60,6 +60,18 @@ def write_report(out_dir: Path, stem: str, report: dict, markdown: str) -> tuple
             write_bytes_atomic(out_dir / f"{stem}.md", markdown.encode()))
 
 
+def publish_report(out: Path | None, device: str, stem: str, report: dict, markdown: str, json_out: bool) -> None:
+    """Write `<stem>.json` and `<stem>.md` (to --out or the default folder for `device`), then print the
+    markdown and where it went, or the report as JSON with --json."""
+    out_dir = out if out is not None else default_out_dir(device, report["date"])
+    paths = write_report(out_dir, stem, report, markdown)
+    if json_out:
+        print_json(report)
+        return
+    typer.echo(markdown)
+    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
     """Repeated or comma-separated option values, checked against `allowed` (exit 2 on a stranger)."""
     if not values:
@@ -248,13 +260,7 @@ def throughput(
         report = run_throughput(net, cases, dev, which, rounds, compile_ours, bridge=bridge, log=log)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
-    out_dir = out if out is not None else default_out_dir(report["device_name"], report["date"])
-    paths = write_report(out_dir, "throughput", report, render_markdown(report))
-    if json_out:
-        print_json(report)
-        return
-    typer.echo(render_markdown(report))
-    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+    publish_report(out, report["device_name"], "throughput", report, render_markdown(report), json_out)
 
 
 @bench_app.command("nfe", epilog=(
@@ -371,13 +377,7 @@ def settings(
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     report["model"]["path"] = str(model)
-    out_dir = out if out is not None else default_out_dir(report["device_name"], report["date"])
-    paths = write_report(out_dir, "settings", report, render_markdown(report))
-    if json_out:
-        print_json(report)
-        return
-    typer.echo(render_markdown(report))
-    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+    publish_report(out, report["device_name"], "settings", report, render_markdown(report), json_out)
 
 
 @bench_app.command("bridge-odds", epilog=(
@@ -429,13 +429,7 @@ def bridge_odds(
         report = run_bridge_odds(bmax, steps, sizes, odds, n_timesteps, n_draws, seed, log)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
-    out_dir = out if out is not None else default_out_dir("cpu", report["date"])
-    paths = write_report(out_dir, "bridge-odds", report, render_markdown(report))
-    if json_out:
-        print_json(report)
-        return
-    typer.echo(render_markdown(report))
-    typer.echo(f"wrote {paths[0]} and {paths[1]}")
+    publish_report(out, "cpu", "bridge-odds", report, render_markdown(report), json_out)
 
 
 @bench_app.command("gpu-check")
