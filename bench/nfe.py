@@ -31,6 +31,7 @@ from ssb_fast.references import (
     mean_se,
     mixed_share_by_label,
     no_diversity,
+    nonempty_ged,
     reader_draws,
     reader_empty_rate,
     reader_empty_rate_by_rank,
@@ -61,6 +62,16 @@ def summarise_scores(per_case: dict[str, np.ndarray], subsets: dict[str, np.ndar
     out["subsets"] = {name: {"n": int(sel.sum()), "ged": mean_se(per_case["ged"][sel])[0],
                              "ged_se": mean_se(per_case["ged"][sel])[1]}
                       for name, sel in subsets.items()}
+    return out
+
+
+def nonempty_subsets(shapes: np.ndarray, subsets: dict[str, np.ndarray]) -> dict:
+    """Per subset, the mean ± s.e. of `nonempty_ged` over its cases that have a non-empty sample (n of them)."""
+    out = {}
+    for name, sel in subsets.items():
+        values = shapes[sel & np.isfinite(shapes)]
+        mean, se = mean_se(values)
+        out[name] = {"n": int(values.size), "ged": mean, "ged_se": se}
     return out
 
 
@@ -153,10 +164,12 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
         result = sampler.sample(scans, n_samples, case_ids=case_ids)
         per_case = case_scores(result.masks, experts, present)
         per_nfe[nfe] = (result.masks, per_case)
+        shapes = nonempty_ged(result.masks, experts, present)
         mps = result.stats["masks_per_s"]
         all_empty = all_empty_cases(result.masks)
         rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(result.masks),
                      **empty_breakdown(result.masks, result.labels, net.config.n_labels, experts, present),
+                     "subsets_nonempty": nonempty_subsets(shapes, subsets),
                      "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                      "all_empty_case_ids_2plus_marked": [case_ids[i] for i in
                                                          (all_empty & (n_marked >= 2)).nonzero().flatten().tolist()],
@@ -223,13 +236,19 @@ def render_markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['nfe']} | " + " | ".join(
             f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in r["subsets"].values()) + " |")
+    for r in report["rows"]:
+        if "subsets_nonempty" in r:
+            lines.append(f"| {r['nfe']}, non-empty samples only | " + " | ".join(
+                f"{s['ged']:.3f} ± {s['ged_se']:.3f} ({s['n']})" for s in r["subsets_nonempty"].values()) + " |")
     for key, ref in report["references"].items():
         lines.append(f"| {key} | " + " | ".join(
             f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in ref["subsets"].values()) + " |")
     if "readers_empty" in report:
         lines += render_empty_breakdown(report["rows"], {"nfe": "NFE"}, report["readers_empty"])
     lines += ["", "empty: the fraction of empty masks; all empty, ≥ 2 marked: cases whose every sample is empty "
-              "although two or more readers marked the nodule.",
+              "although two or more readers marked the nodule. Non-empty samples only: the GED of each case's "
+              "non-empty samples alone (cases with one or more, in brackets); what a row loses beside it is what "
+              "its empty samples cost, the rest is the shapes'.",
               "", "Empty masks: IoU(∅,∅) = Dice(∅,∅) = 1; GED squared over all ordered pairs including i = j; "
               "missing readers left out.", f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}."]
     return "\n".join(lines) + "\n"

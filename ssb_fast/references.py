@@ -121,6 +121,19 @@ def reader_empty_rate(experts: torch.Tensor, present: torch.Tensor) -> float:
     return empty_rate(chosen) if chosen.numel() else float("nan")
 
 
+def nonempty_ged(samples: torch.Tensor, experts: torch.Tensor, present: torch.Tensor) -> np.ndarray:
+    """(S,) float64: the GED of each case's non-empty samples alone against its readers; nan where every
+    sample is empty. Beside the GED of all the samples it splits a gap to a reference into what the shapes
+    cost and what the empty samples add."""
+    samples, experts, present = torch.as_tensor(samples), torch.as_tensor(experts), torch.as_tensor(present)
+    marked = samples.flatten(2).sum(-1) > 0
+    out = np.full(samples.shape[0], np.nan)
+    for case in range(samples.shape[0]):
+        if marked[case].any():
+            out[case] = float(evaluate(samples[case][marked[case]], experts[case], present=present[case])["ged"])
+    return out
+
+
 def empty_rate_by_label(masks: torch.Tensor, labels: torch.Tensor, n_labels: int) -> list[float | None]:
     """The fraction of empty masks (S, N, H, W) drawn with each expert label 0..n_labels-1 (labels (S, N));
     None for a label no mask was drawn with."""

@@ -36,6 +36,11 @@ def test_bench_nfe_writes_the_table_the_references_and_the_plot(run, tmp_path):
     assert set(report["references"]) == {"no_diversity", "consensus", "readers"}
     assert all(ref["ged"]["mean"] >= 0 and 0 <= ref["empty_rate"] <= 1 for ref in report["references"].values())
     assert (out / "nfe.md").read_text().startswith("# NFE against quality")
+    for row in report["rows"]:  # the non-empty samples' GED covers only the subset's cases that have one
+        for name, shapes in row["subsets_nonempty"].items():
+            assert 0 <= shapes["n"] <= report["data"]["subset_sizes"][name]
+            assert shapes["n"] == 0 or shapes["ged"] >= -1e-9
+    assert "non-empty samples only" in (out / "nfe.md").read_text()
     assert (out / "nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N = 3" in result.output
 
@@ -102,6 +107,7 @@ def test_bench_nfe_counts_cases_whose_every_sample_is_empty(run, monkeypatch):
     # every mask was drawn with label 0 and is empty, whoever marked the case
     assert row["empty_rate_by_label"] == [1.0] + [None] * (net.config.n_labels - 1)
     assert row["mixed_share_by_label"] == [0.0] + [None] * (net.config.n_labels - 1)  # all empty: none disagree
+    assert all(s["n"] == 0 for s in row["subsets_nonempty"].values())  # no shape to score
     by_marked = row["empty_rate_by_marked"]
     assert sum(v["cases"] for v in by_marked.values()) == len(dataset)
     assert all(v["samples"] == 1.0 for v in by_marked.values())

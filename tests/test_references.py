@@ -17,6 +17,7 @@ from ssb_fast.references import (
     majority_vote,
     mean_se,
     no_diversity,
+    nonempty_ged,
     reader_draws,
     reader_empty_rate,
     reader_empty_rate_by_rank,
@@ -91,6 +92,21 @@ def test_empty_rates_by_label_by_rank_and_by_readers_who_marked():
     assert by_marked[1] == {"cases": 1, "samples": 0.75, "readers": 0.75}
     assert by_marked[2] == {"cases": 1, "samples": 0.75, "readers": pytest.approx(1 / 3)}
     assert by_marked[4] == {"cases": 1, "samples": 0.5, "readers": 0.0}
+
+
+def test_nonempty_ged_scores_the_marked_samples_alone_and_is_nan_when_none_mark():
+    experts = torch.zeros(2, 2, 4, 4, dtype=torch.uint8)
+    experts[:, :, :2, :2] = 1                      # both readers draw the same square in both cases
+    present = torch.ones(2, 2, dtype=torch.bool)
+    samples = torch.zeros(2, 4, 4, 4, dtype=torch.uint8)
+    samples[0, :2, :2, :2] = 1                     # case 0: two exact masks and two empty ones
+    samples[0, 2, :2, :3] = 0                      # (mask 2 stays empty)
+    shapes = nonempty_ged(samples, experts, present)
+    assert shapes[0] == pytest.approx(0.0) and np.isnan(shapes[1])
+    # the empty samples are what the whole set's GED pays: 2·(1/2)·1 − 2·(1/2)(1/2)·1 = 1/2
+    assert float(ged(samples[0], experts[0], present[0])) == pytest.approx(0.5)
+    samples[1, 0, 1:3, 1:3] = 1                    # case 1: one shifted square, IoU 1/7 with the readers'
+    assert nonempty_ged(samples, experts, present)[1] == pytest.approx(2 * (1 - 1 / 7))
 
 
 def test_mean_se_and_bootstrap_ratio():
