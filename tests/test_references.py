@@ -99,8 +99,7 @@ def test_nonempty_ged_scores_the_marked_samples_alone_and_is_nan_when_none_mark(
     experts[:, :, :2, :2] = 1                      # both readers draw the same square in both cases
     present = torch.ones(2, 2, dtype=torch.bool)
     samples = torch.zeros(2, 4, 4, 4, dtype=torch.uint8)
-    samples[0, :2, :2, :2] = 1                     # case 0: two exact masks and two empty ones
-    samples[0, 2, :2, :3] = 0                      # (mask 2 stays empty)
+    samples[0, :2, :2, :2] = 1                     # case 0: two exact masks, two empty ones; case 1: all empty
     shapes = nonempty_ged(samples, experts, present)
     assert shapes[0] == pytest.approx(0.0) and np.isnan(shapes[1])
     # the empty samples are what the whole set's GED pays: 2·(1/2)·1 − 2·(1/2)(1/2)·1 = 1/2
