@@ -59,17 +59,16 @@ def summarise_scores(per_case: dict[str, np.ndarray], subsets: dict[str, np.ndar
     for key, values in per_case.items():
         mean, se = mean_se(values)
         out[key] = {"mean": mean, "se": se}
-    out["subsets"] = {name: {"n": int(sel.sum()), "ged": mean_se(per_case["ged"][sel])[0],
-                             "ged_se": mean_se(per_case["ged"][sel])[1]}
-                      for name, sel in subsets.items()}
+    out["subsets"] = ged_by_subset(per_case["ged"], subsets)
     return out
 
 
-def nonempty_subsets(shapes: np.ndarray, subsets: dict[str, np.ndarray]) -> dict:
-    """Per subset, the mean ± s.e. of `nonempty_ged` over its cases that have a non-empty sample (n of them)."""
+def ged_by_subset(ged: np.ndarray, subsets: dict[str, np.ndarray]) -> dict:
+    """Per subset, the mean ± s.e. of per-case GED values over its cases with a finite value (n of them; a
+    case has none in `nonempty_ged` when every sample is empty)."""
     out = {}
     for name, sel in subsets.items():
-        values = shapes[sel & np.isfinite(shapes)]
+        values = ged[sel & np.isfinite(ged)]
         mean, se = mean_se(values)
         out[name] = {"n": int(values.size), "ged": mean, "ged_se": se}
     return out
@@ -169,7 +168,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
         all_empty = all_empty_cases(result.masks)
         rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(result.masks),
                      **empty_breakdown(result.masks, result.labels, net.config.n_labels, experts, present),
-                     "subsets_nonempty": nonempty_subsets(shapes, subsets),
+                     "subsets_nonempty": ged_by_subset(shapes, subsets),
                      "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                      "all_empty_case_ids_2plus_marked": [case_ids[i] for i in
                                                          (all_empty & (n_marked >= 2)).nonzero().flatten().tolist()],
