@@ -155,3 +155,33 @@ def test_database_reading_matches_the_documented_totals():
     contours = sum(len(cs) for a in annotations for cs in a.contours.values())
     assert len(annotations) == 6859 and contours == 41406
     assert len({s.patient_id for s in scans}) > 850
+    # The readers' own ratings (SELECT texture, count(*) ... GROUP BY texture on the database).
+    assert Counter(a.texture for a in annotations) == {1: 480, 2: 155, 3: 381, 4: 823, 5: 5020}
+    assert Counter(a.subtlety for a in annotations) == {1: 349, 2: 625, 3: 1446, 4: 1897, 5: 2542}
+
+
+def test_appearance_from_ratings_changes_only_the_nodule(small_build, tmp_path):
+    out, meta = small_build
+    assert "texture and subtlety ratings" in meta["build"]["appearance"]
+    prior = build_lidc_contours(tmp_path / "prior", size=64, limit=8, seed=0, appearance="prior")
+    assert "ratings not used" in prior["build"]["appearance"] and prior["counts"] == meta["counts"]
+    changed = 0
+    for s in SPLITS:
+        rated, drawn = load(out, s), load(tmp_path / "prior", s)
+        assert rated.case_ids == drawn.case_ids
+        np.testing.assert_array_equal(rated.masks.numpy(), drawn.masks.numpy())
+        difference = (rated.images - drawn.images).abs().numpy()[:, 0]
+        union = rated.masks.numpy().any(1)
+        # Only the nodule is drawn differently; lung, vessels and wall come from the same seeded draws.
+        assert difference[~_dilated(union, 6)].max() < 0.05
+        changed += int((difference.reshape(len(rated), -1).max(1) > 0.05).sum())
+    # Most nodules here are solid and obvious (ratings 5); the others look different.
+    assert 0 < changed < meta["counts"]["cases"]
+    with pytest.raises(ValueError, match="appearance"):
+        build_lidc_contours(tmp_path / "bad", size=64, limit=1, appearance="rated")
+
+
+def _dilated(masks: np.ndarray, radius: int) -> np.ndarray:
+    from ssb_fast.data.filters import dilate
+
+    return np.stack([dilate(m, radius) for m in masks])

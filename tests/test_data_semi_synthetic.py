@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ssb_fast.data.filters import dilate, gaussian_blur, gaussian_kernel, smooth_noise
 from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
@@ -38,6 +39,29 @@ def test_nodule_density_follows_the_consensus():
     # Where all four readers drew, denser than where one did; where one did, denser than lung tissue.
     assert np.median(core_minus_rim) > 0.1 and np.mean(np.array(core_minus_rim) > 0) > 0.9
     assert np.median(rim_minus_ring) > 0.05
+
+
+def test_readers_ratings_set_solidity_and_contrast():
+    """A nodule its readers rated ground glass (texture 1) or extremely subtle (subtlety 1) is fainter than one
+    rated solid and obvious (5); everything else in the image comes from the same seeded draws."""
+    consensus = _consensus()
+    core = consensus == 1.0
+    far = ~dilate(consensus > 0, 6)
+    for seed in range(12):
+        solid, ground_glass, subtle = (
+            semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=t, subtlety=s)
+            for t, s in ((5, 5), (1, 5), (5, 1))
+        )
+        assert image_mean(ground_glass, core) < image_mean(solid, core) - 0.15
+        assert image_mean(subtle, core) < image_mean(solid, core) - 0.05
+        np.testing.assert_allclose(ground_glass[far], solid[far], atol=0.02)
+    for bad in ({"texture": 0.0}, {"subtlety": 6}):
+        with pytest.raises(ValueError, match="rating"):
+            semi_synthetic_ct(consensus, np.random.default_rng(0), 0.5, **bad)
+
+
+def image_mean(image: np.ndarray, where: np.ndarray) -> float:
+    return float(image[where].mean())
 
 
 def test_filters():

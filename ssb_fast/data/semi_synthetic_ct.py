@@ -123,13 +123,27 @@ def _ribs(rng: np.random.Generator, wall: np.ndarray, pixel_mm: float) -> np.nda
     return out
 
 
-def semi_synthetic_ct(consensus: np.ndarray, rng: np.random.Generator, pixel_mm: float = 0.5) -> np.ndarray:
+def semi_synthetic_ct(
+    consensus: np.ndarray,
+    rng: np.random.Generator,
+    pixel_mm: float = 0.5,
+    texture: float | None = None,
+    subtlety: float | None = None,
+) -> np.ndarray:
     """A (H, W) float32 image in [-1, 1] around a nodule whose soft reader consensus is `consensus` (H, W)
     in [0, 1] (the mean of the reader masks, readers who did not mark the nodule counted as zeros).
 
     Where all readers agree the nodule is dense; where only some drew it the density falls off, so the image
     carries the readers' disagreement. `pixel_mm` scales anatomy (vessel widths, ribs) to the pixel size.
+
+    `texture` and `subtlety` are the readers' own LIDC ratings of the nodule (1-5, mean over the readers who
+    marked it). Texture sets its solidity: 1 non-solid (ground glass: faint and mottled), 3 part solid,
+    5 solid (soft-tissue dense). Subtlety sets its contrast: 1 extremely subtle (0.6 of the contrast),
+    5 obvious (all of it). Without ratings, 15% of nodules are ground glass and every nodule is obvious.
     """
+    for name, rating in (("texture", texture), ("subtlety", subtlety)):
+        if rating is not None and not 1.0 <= rating <= 5.0:
+            raise ValueError(f"{name} is a LIDC rating in [1, 5], got {rating}")
     consensus = np.clip(np.asarray(consensus, dtype=np.float32), 0.0, 1.0)
     size_h, size_w = consensus.shape
     size = max(size_h, size_w)
@@ -164,15 +178,22 @@ def semi_synthetic_ct(consensus: np.ndarray, rng: np.random.Generator, pixel_mm:
 
     # The nodule: density follows the readers' consensus, softened at the edge, with internal texture.
     if consensus.any():
-        if rng.random() < 0.15:  # ground-glass: faint and mottled
-            level = rng.uniform(35.0, 60.0)
-            texture = 0.15
-        else:
-            level = soft_tissue * rng.uniform(0.85, 1.05)
-            texture = 0.06
+        if texture is None:  # no ratings: ground glass or solid, drawn
+            if rng.random() < 0.15:  # ground glass: faint and mottled
+                level = rng.uniform(35.0, 60.0)
+                mottle = 0.15
+            else:
+                level = soft_tissue * rng.uniform(0.85, 1.05)
+                mottle = 0.06
+        else:  # from ground glass (texture 1) to solid (texture 5)
+            solid = (texture - 1.0) / 4.0
+            ground_glass_level, solid_level = rng.uniform(35.0, 60.0), soft_tissue * rng.uniform(0.85, 1.05)
+            level = ground_glass_level + solid * (solid_level - ground_glass_level)
+            mottle = 0.15 + solid * (0.06 - 0.15)
         density = gaussian_blur(consensus, rng.uniform(0.6, 1.2)) ** rng.uniform(0.6, 1.0)
-        density = density * (1.0 + texture * smooth_noise(rng, consensus.shape, 1.2))
-        grey = grey + (level - grey) * np.clip(density, 0.0, 1.0)
+        density = density * (1.0 + mottle * smooth_noise(rng, consensus.shape, 1.2))
+        visibility = 1.0 if subtlety is None else 0.6 + 0.1 * (subtlety - 1.0)
+        grey = grey + (level - grey) * visibility * np.clip(density, 0.0, 1.0)
 
     # Scanner blur and quantum noise.
     grey = gaussian_blur(grey[:size_h, :size_w], rng.uniform(0.4, 0.7))
