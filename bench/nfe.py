@@ -139,7 +139,8 @@ def report_header(kind: str, net, dataset, picks: list[int], cases: int | None, 
         "model": {"preset": net.config.preset, "image_size": net.config.image_size},
         "data": {"source": str(dataset.source), "split_cases": len(dataset), "cases": len(picks),
                  "case_indices": picks, "spread": "evenly over the split" if cases else "the whole split",
-                 "subset_sizes": {k: int(v.sum()) for k, v in subsets.items()}},
+                 "subset_sizes": {k: int(v.sum()) for k, v in subsets.items()},
+                 "appearance": dataset.meta.get("build", {}).get("appearance")},
     }
 
 
@@ -210,7 +211,9 @@ def render_markdown(report: dict) -> str:
     lines = [f"# NFE against quality, {report['date']}, {report['device']}", "",
              f"`{report['model']['preset']}` at {report['model']['image_size']}², N = {report['n_samples']} masks per "
              f"case, guidance {report['guidance']:g}, seed {report['seed']}; {d['cases']} cases of {d['split_cases']} "
-             f"({d['spread']}) from {d['source']}; mean ± standard error over cases.", "",
+             f"({d['spread']}) from {d['source']}"
+             + (f" (images: {d['appearance']})" if d.get("appearance") else "")
+             + "; mean ± standard error over cases.", "",
              "| NFE | GED | GED / no diversity (95% CI) | D_max | D_a | S_c | CI | HM-IoU | DDI_e | DDI_g | empty | "
              "all empty, ≥ 2 marked | masks/s | ms/NFE/mask |",
              "| ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]

@@ -45,6 +45,25 @@ def test_bench_nfe_writes_the_table_the_references_and_the_plot(run, tmp_path):
     assert "N = 3" in result.output
 
 
+def test_bench_nfe_names_how_the_images_were_drawn(run, tmp_path):
+    """Two builds of lidc-contours share masks and path but not pixels: the report says which images it scored."""
+    import shutil
+
+    run_dir, data = run
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta.setdefault("build", {})["appearance"] = "nodule solidity drawn"
+    (copy / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "nfe"
+    result = runner.invoke(app, ["bench", "nfe", "--model", str(run_dir), "--data", str(copy), "--split", "train",
+                                 "--nfe", "1", "-n", "2", "--cases", "2", "--device", "cpu", "--out", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "nfe.json").read_text())["data"]["appearance"] == "nodule solidity drawn"
+    assert "(images: nodule solidity drawn)" in (out / "nfe.md").read_text()
+
+
 def test_bench_throughput_reports_every_sampler_and_the_ratios(tmp_path):
     out = tmp_path / "tp"
     result = runner.invoke(app, ["bench", "throughput", "--preset", "tiny", "--size", "16", "-n", "3", "--nfe", "2",
