@@ -112,6 +112,14 @@ def test_realism_measures():
     flat[:, :, 12:20, 12:20] = -0.1  # a nodule 102 grey levels above its surroundings
     stats = realism_stats(flat, masks, np.ones((3, 2), bool))
     np.testing.assert_allclose(stats.nodule_contrast, 0.8 * 127.5, rtol=1e-5)
+    # By readers who marked: a faint nodule one reader marked beside the two bright ones both marked.
+    masks[0, 1] = 0
+    flat[0, :, 12:20, 12:20] = -0.7  # 25.5 grey levels above its surroundings
+    stats = realism_stats(flat, masks, np.ones((3, 2), bool))
+    assert stats.summary()["nodule_contrast_median_by_marked"] == {
+        "1": {"median": 25.5, "n": 1},
+        "2": {"median": 102.0, "n": 2},
+    }
     stripes = np.tile(np.array([1.0, -1.0], np.float32), (64, 32))  # the highest frequency along one axis
     spectrum = radial_spectrum(stripes)
     assert spectrum.argmax() == len(spectrum) - 1 and spectrum.sum() == pytest.approx(1.0)

@@ -428,6 +428,11 @@ def show(
                 f"texture std {r['parenchyma_noise_std']}, nodule contrast median "
                 f"{r['nodule_contrast_median']} IQR {r['nodule_contrast_iqr']} (n={r['n_images']})"
             )
+            by_marked = r["nodule_contrast_median_by_marked"]
+            typer.echo(
+                f"{'':<9} nodule contrast median by readers who marked it: "
+                + ", ".join(f"{k}: {v['median']} (n={v['n']})" for k, v in by_marked.items())
+            )
         typer.echo(f"realism  {summary['realism_figure']}")
 
 

@@ -19,6 +19,7 @@ class RealismStats:
     spectrum: np.ndarray  # radially averaged power, normalised to sum 1, over spatial frequency bins
     parenchyma_noise: np.ndarray  # per image: std (grey levels) of the fine texture in lung tissue
     nodule_contrast: np.ndarray  # per image: mean inside the readers' union - mean in a ring around it
+    nodule_marked: np.ndarray  # per image with a nodule: how many readers marked it (non-empty masks)
     percentiles: np.ndarray  # (5, 25, 50, 75, 95) of all pixels, grey levels
 
     def summary(self) -> dict:
@@ -32,6 +33,12 @@ class RealismStats:
             "nodule_contrast_iqr": [round(float(v), 1) for v in np.percentile(self.nodule_contrast, [25, 75])]
             if self.nodule_contrast.size
             else None,
+            # Does the image show how many readers marked the nodule? (Real CT: faint nodules draw fewer.)
+            "nodule_contrast_median_by_marked": {
+                str(k): {"median": round(float(np.median(self.nodule_contrast[self.nodule_marked == k])), 1),
+                         "n": int((self.nodule_marked == k).sum())}
+                for k in sorted(set(self.nodule_marked.tolist()))
+            },
         }
 
 
@@ -64,7 +71,9 @@ def realism_stats(images: np.ndarray, masks: np.ndarray, present: np.ndarray) ->
     grey = (images + 1.0) * GREY
     hist, _ = np.histogram(grey, bins=HIST_EDGES, density=True)
     spectrum = np.mean([radial_spectrum(g) for g in grey], axis=0) if len(grey) else np.zeros(SPECTRUM_BINS)
-    union = (np.asarray(masks).astype(bool) & np.asarray(present, dtype=bool)[..., None, None]).any(1)
+    marked_masks = np.asarray(masks).astype(bool) & np.asarray(present, dtype=bool)[..., None, None]
+    union = marked_masks.any(1)
+    marked = marked_masks.reshape(*marked_masks.shape[:2], -1).any(-1).sum(1)
 
     # Lung tissue: dark after smoothing and away from the nodule. Its fine texture is what stays after
     # subtracting a 2-pixel blur.
@@ -83,6 +92,7 @@ def realism_stats(images: np.ndarray, masks: np.ndarray, present: np.ndarray) ->
         spectrum=spectrum,
         parenchyma_noise=noise[np.isfinite(noise)],
         nodule_contrast=contrast,
+        nodule_marked=marked[union.reshape(len(union), -1).any(-1)],
         percentiles=np.percentile(grey, [5, 25, 50, 75, 95]) if len(grey) else np.zeros(5),
     )
 
