@@ -22,7 +22,6 @@ import datetime as _dt
 import math
 
 import torch
-
 from ssb_fast.bench.environment import versions
 
 from ssb_fast.bridge import Bridge

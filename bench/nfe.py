@@ -144,41 +144,57 @@ def report_header(kind: str, net, dataset, picks: list[int], cases: int | None, 
     }
 
 
-def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int = 16, cases: int | None = None,
-                  guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
-                  max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Sample the chosen cases at every NFE and score them with the references; returns the report."""
+def sample_sweep(net, bridge: Bridge, dataset, picks: list[int], nfes: list[int], n_samples: int = 16,
+                 guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+                 max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict[int, dict]:
+    """Sample the cases `picks` (split indices) at every NFE: per NFE the masks (S, N, H, W), their expert
+    labels (S, N), the steady masks/s and the warm-up seconds. The noise is keyed by case id and mask index,
+    so a case's masks are the same whichever cases are sampled beside it."""
     device = torch.device(device)
-    picks = spread_cases(len(dataset), cases)
     idx = torch.tensor(picks, dtype=torch.int64)
     scans = dataset.images[idx].float()
-    experts, present = dataset.masks[idx], dataset.present[idx]
     case_ids = [dataset.case_ids[i] for i in picks]
-    n_marked, subsets = reader_subsets(experts, present)
-
-    rows, per_nfe = [], {}
+    sampled = {}
     for nfe in sorted(nfes):
         if log:
             log(f"NFE {nfe}: {len(picks)} cases x {n_samples} masks")
         sampler = Sampler(net, bridge, nfe=nfe, guidance=guidance, seed=seed, device=device, max_batch=max_batch)
         result = sampler.sample(scans, n_samples, case_ids=case_ids)
-        per_case = case_scores(result.masks, experts, present)
-        per_nfe[nfe] = (result.masks, per_case)
-        shapes = nonempty_ged(result.masks, experts, present)
-        mps = result.stats["masks_per_s"]
-        all_empty = all_empty_cases(result.masks)
-        rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(result.masks),
-                     **empty_breakdown(result.masks, result.labels, net.config.n_labels, experts, present),
+        sampled[nfe] = {"masks": result.masks.bool(), "labels": result.labels,
+                        "masks_per_s": result.stats["masks_per_s"], "warmup_s": result.stats["warmup_seconds"]}
+    return sampled
+
+
+def score_sweep(net, dataset, picks: list[int], cases: int | None, sampled: dict[int, dict], n_samples: int,
+                guidance: float, seed: int, device: torch.device | str = "cpu") -> dict:
+    """The report of `sample_sweep`'s masks (every case of `picks`, in that order): every metric per NFE,
+    the references on the same cases, the ratio to no diversity with its bootstrap interval."""
+    device = torch.device(device)
+    nfes = sorted(sampled)
+    idx = torch.tensor(picks, dtype=torch.int64)
+    experts, present = dataset.masks[idx], dataset.present[idx]
+    case_ids = [dataset.case_ids[i] for i in picks]
+    n_marked, subsets = reader_subsets(experts, present)
+
+    rows, per_case_by_nfe = [], {}
+    for nfe in nfes:
+        masks, labels, mps = sampled[nfe]["masks"], sampled[nfe]["labels"], sampled[nfe]["masks_per_s"]
+        per_case = case_scores(masks, experts, present)
+        per_case_by_nfe[nfe] = per_case
+        shapes = nonempty_ged(masks, experts, present)
+        all_empty = all_empty_cases(masks)
+        rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(masks),
+                     **empty_breakdown(masks, labels, net.config.n_labels, experts, present),
                      "subsets_nonempty": ged_by_subset(shapes, subsets),
                      "all_empty_cases_2plus_marked": int((all_empty & (n_marked >= 2)).sum()),
                      "all_empty_case_ids_2plus_marked": [case_ids[i] for i in
                                                          (all_empty & (n_marked >= 2)).nonzero().flatten().tolist()],
                      "masks_per_s": mps, "ms_per_nfe_per_mask": 1000.0 / (mps * nfe) if mps and mps > 0 else None,
-                     "warmup_s": result.stats["warmup_seconds"]})
+                     "warmup_s": sampled[nfe]["warmup_s"]})
 
     references = {}
     ref_sets = {"no_diversity": no_diversity(experts, present, n_samples),
-                "consensus": consensus(per_nfe[max(nfes)][0], n_samples),
+                "consensus": consensus(sampled[max(nfes)]["masks"], n_samples),
                 "readers": reader_draws(experts, present, n_samples, seed, case_ids)}
     ref_scores = {}
     for name, masks in ref_sets.items():
@@ -186,7 +202,7 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
         references[name] = {**summarise_scores(ref_scores[name], subsets), "empty_rate": empty_rate(masks)}
     references["readers"]["empty_rate"] = reader_empty_rate(experts, present)
     for row in rows:
-        ged = per_nfe[row["nfe"]][1]["ged"]
+        ged = per_case_by_nfe[row["nfe"]]["ged"]
         ratio, low, high = bootstrap_ratio(ged, ref_scores["no_diversity"]["ged"], seed=seed)
         row["ged_ratio_to_no_diversity"] = {"ratio": ratio, "low": low, "high": high}
         sel = subsets["all_readers_marked"]
@@ -195,10 +211,19 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
             row["ged_ratio_all_readers_marked"] = {"ratio": r, "low": lo, "high": hi}
     return {
         **report_header("nfe", net, dataset, picks, cases, subsets, device),
-        "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": sorted(nfes),
+        "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": nfes,
         "conventions": CONVENTIONS, "rows": rows, "references": references,
         "readers_empty": readers_empty(experts, present),
     }
+
+
+def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int = 16, cases: int | None = None,
+                  guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+                  max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Sample the chosen cases at every NFE and score them with the references; returns the report."""
+    picks = spread_cases(len(dataset), cases)
+    sampled = sample_sweep(net, bridge, dataset, picks, nfes, n_samples, guidance, seed, device, max_batch, log)
+    return score_sweep(net, dataset, picks, cases, sampled, n_samples, guidance, seed, device)
 
 
 def plus_minus(entry: dict, spec: str = ".3f") -> str:
@@ -213,6 +238,7 @@ def render_markdown(report: dict) -> str:
              f"case, guidance {report['guidance']:g}, seed {report['seed']}; {d['cases']} cases of {d['split_cases']} "
              f"({d['spread']}) from {d['source']}"
              + (f" (images: {d['appearance']})" if d.get("appearance") else "")
+             + (f"; sampled in {d['parts']} parts, masks/s is one process's rate" if d.get("parts") else "")
              + "; mean ± standard error over cases.", "",
              "| NFE | GED | GED / no diversity (95% CI) | D_max | D_a | S_c | CI | HM-IoU | DDI_e | DDI_g | empty | "
              "all empty, ≥ 2 marked | masks/s | ms/NFE/mask |",

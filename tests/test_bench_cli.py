@@ -64,6 +64,39 @@ def test_bench_nfe_names_how_the_images_were_drawn(run, tmp_path):
     assert "(images: nodule solidity drawn)" in (out / "nfe.md").read_text()
 
 
+def test_bench_nfe_in_parts_writes_the_report_one_process_writes(run, tmp_path):
+    """Two parts into one folder: the first waits, the second assembles; every score equals the single
+    process's (the noise is keyed by case), and a part sampled with other settings is refused by name."""
+    run_dir, data = run
+    common = ["bench", "nfe", "--model", str(run_dir), "--data", str(data), "--split", "train", "--nfe", "1,2",
+              "-n", "3", "--cases", "5", "--device", "cpu", "--no-progress"]
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, [*common, "--out", str(whole)]).exit_code == 0
+    parts = tmp_path / "parts"
+    first = runner.invoke(app, [*common, "--out", str(parts), "--num-parts", "2", "--part-id", "1"])
+    assert first.exit_code == 0, first.output
+    assert "waiting for part(s) 0" in first.output and not (parts / "nfe.json").exists()
+    second = runner.invoke(app, [*common, "--out", str(parts), "--num-parts", "2", "--part-id", "0"])
+    assert second.exit_code == 0, second.output
+    one, two = (json.loads((d / "nfe.json").read_text()) for d in (whole, parts))
+    assert two["data"]["parts"] == 2 and two["data"]["case_indices"] == one["data"]["case_indices"]
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        for key in ("ged", "d_max", "hm_iou", "ddi_e"):
+            assert a[key] == b[key], key
+        assert a["empty_rate"] == b["empty_rate"] and a["empty_rate_by_label"] == b["empty_rate_by_label"]
+        assert a["ged_ratio_to_no_diversity"] == b["ged_ratio_to_no_diversity"]
+        assert a["subsets"] == b["subsets"] and a["subsets_nonempty"] == b["subsets_nonempty"]  # case order kept
+    assert one["references"] == two["references"]
+    assert "sampled in 2 parts" in (parts / "nfe.md").read_text()
+
+    other = runner.invoke(app, [*common, "--seed", "1", "--out", str(parts), "--num-parts", "2", "--part-id", "0"])
+    assert other.exit_code == 3 and "nfe-part-1-of-2.npz" in other.output and "seed" in other.output
+    lost = runner.invoke(app, [*common, "--num-parts", "2", "--part-id", "0"])
+    assert lost.exit_code == 2 and "--out" in lost.output
+    alone = runner.invoke(app, [*common, "--out", str(parts), "--num-parts", "2"])
+    assert alone.exit_code == 2 and "go together" in alone.output
+
+
 def test_bench_throughput_reports_every_sampler_and_the_ratios(tmp_path):
     out = tmp_path / "tp"
     result = runner.invoke(app, ["bench", "throughput", "--preset", "tiny", "--size", "16", "-n", "3", "--nfe", "2",

@@ -265,7 +265,9 @@ def throughput(
 
 @bench_app.command("nfe", epilog=(
     "Example:\n\n"
-    "  ssb-fast bench nfe --model runs/lidc --data data/lidc64 --split test --nfe 1,2,5,10,20,50 -n 16 --cases 96"))
+    "  ssb-fast bench nfe --model runs/lidc --data data/lidc64 --split test --nfe 1,2,5,10,20,50 -n 16 --cases 96\n\n"
+    "  ssb-fast bench nfe ... --num-parts 2 --part-id 0 --out OUT ; ssb-fast bench nfe ... --num-parts 2 "
+    "--part-id 1 --out OUT   (two processes; the last to finish writes the report)"))
 def nfe(
     model: Annotated[Path, typer.Option("--model", metavar="RUN", help="A run folder or model.safetensors.")],
     data: Annotated[Path, typer.Option("--data", metavar="DATASET", help="A dataset folder with reader masks.")],
@@ -280,6 +282,14 @@ def nfe(
                                             help="Classifier-free guidance w.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", min=0, show_default=True, help="Seed of the keyed noise.")] = 0,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Masks per chunk.")] = None,
+    num_parts: Annotated[int | None, typer.Option(
+        "--num-parts", metavar="K", min=1,
+        help="Split the cases into K parts and sample only part --part-id (every K-th case from --part-id) into "
+             "OUT/parts/; run the K parts anywhere with the same options and --out, and the last to finish "
+             "writes the report, the same as one process would (masks/s: one process's rate).")] = None,
+    part_id: Annotated[int | None, typer.Option(
+        "--part-id", metavar="I", min=0, help="Which part this process samples, 0..K-1 (with --num-parts).")]
+    = None,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
     out: OutDirOption = None,
@@ -294,19 +304,33 @@ def nfe(
     and nfe.png (with the `plot` extra: pip install 'ssb-fast[plot]').
     """
     from ssb_fast.bench.nfe import plot, render_markdown, run_nfe_sweep
+    from ssb_fast.bench.nfe_parts import PartError
 
     try:
         dev = resolve_device(device)
         set_threads(threads)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
+    if (num_parts is None) != (part_id is None):
+        fail("--num-parts K and --part-id I go together (part I of K, I in 0..K-1)", ExitCode.BAD_ARGUMENTS)
+    if num_parts is not None and out is None:
+        fail("--num-parts needs --out DIR: the parts meet in that folder", ExitCode.BAD_ARGUMENTS)
     steps = _numbers(nfes, int, "--nfe", 1)
     net, bridge, dataset = _model_and_scored_split(model, data, split, dev)
     log = None if no_progress else (lambda message: typer.echo(message, err=True))
     try:
-        report = run_nfe_sweep(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch, log)
+        if num_parts is None:
+            report = run_nfe_sweep(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch,
+                                   log)
+        else:
+            report = _nfe_part(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch, log,
+                               num_parts, part_id, out)
+    except PartError as err:
+        fail(str(err), ExitCode.BAD_DATA)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
+    if report is None:
+        return
     report["model"]["path"] = str(model)
     out_dir = out if out is not None else default_out_dir(report["device_name"], report["date"])
     paths = write_report(out_dir, "nfe", report, render_markdown(report))
@@ -318,6 +342,34 @@ def nfe(
     typer.echo(render_markdown(report))
     typer.echo(f"wrote {paths[0]}, {paths[1]}" + (f" and {png}" if plotted else
                                                    " (no nfe.png: pip install 'ssb-fast[plot]' for matplotlib)"))
+
+
+def _nfe_part(net, bridge, dataset, nfes, n_samples, cases, guidance, seed, device, max_batch, log, num_parts,
+              part_id, out):
+    """Sample part `part_id` of `num_parts` into OUT/parts/; the report when every part is there, else None
+    (after saying which parts are missing)."""
+    from ssb_fast.bench.nfe import sample_sweep, score_sweep
+    from ssb_fast.bench.nfe_parts import assemble_parts, missing_parts, part_cases, part_path, save_part, sweep_settings
+    from ssb_fast.references import spread_cases
+
+    picks = spread_cases(len(dataset), cases)
+    if num_parts > len(picks):
+        raise ValueError(f"--num-parts {num_parts} is more than the {len(picks)} case(s) to score")
+    mine = part_cases(picks, part_id, num_parts)
+    settings = sweep_settings(net, dataset, picks, nfes, n_samples, guidance, seed, num_parts)
+    if log:
+        log(f"part {part_id} of {num_parts}: {len(mine)} of {len(picks)} cases")
+    sampled = sample_sweep(net, bridge, dataset, mine, nfes, n_samples, guidance, seed, device, max_batch, log)
+    path = save_part(part_path(out, part_id, num_parts), settings, part_id, mine, sampled)
+    missing = missing_parts(out, num_parts)
+    if missing:
+        typer.echo(f"wrote {path} (part {part_id} of {num_parts}); waiting for part(s) "
+                   f"{', '.join(map(str, missing))}: the last part to finish writes the report in {out}")
+        return None
+    report = score_sweep(net, dataset, picks, cases, assemble_parts(out, settings, picks), n_samples, guidance,
+                         seed, device)
+    report["data"]["parts"] = num_parts
+    return report
 
 
 @bench_app.command("settings", epilog=(
