@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from ssb_fast.bench.bridge_odds import OddsOracle, drawn_share, odds_table
 from typer.testing import CliRunner
 
-from ssb_fast.bench.bridge_odds import OddsOracle, drawn_share, odds_table
 from ssb_fast.bridge import Bridge
 from ssb_fast.cli import app
 
