@@ -176,11 +176,12 @@ def score_sweep(net, dataset, picks: list[int], cases: int | None, sampled: dict
     case_ids = [dataset.case_ids[i] for i in picks]
     n_marked, subsets = reader_subsets(experts, present)
 
-    rows, per_case_by_nfe = [], {}
+    rows, per_case_by_nfe, empty_of = [], {}, {}
     for nfe in nfes:
         masks, labels, mps = sampled[nfe]["masks"], sampled[nfe]["labels"], sampled[nfe]["masks_per_s"]
         per_case = case_scores(masks, experts, present)
         per_case_by_nfe[nfe] = per_case
+        empty_of[nfe] = (masks.flatten(2).sum(-1) == 0).double().mean(1).numpy()
         shapes = nonempty_ged(masks, experts, present)
         all_empty = all_empty_cases(masks)
         rows.append({"nfe": nfe, **summarise_scores(per_case, subsets), "empty_rate": empty_rate(masks),
@@ -201,6 +202,13 @@ def score_sweep(net, dataset, picks: list[int], cases: int | None, sampled: dict
         ref_scores[name] = case_scores(masks, experts, present)
         references[name] = {**summarise_scores(ref_scores[name], subsets), "empty_rate": empty_rate(masks)}
     references["readers"]["empty_rate"] = reader_empty_rate(experts, present)
+    reader_area = (experts.flatten(2).sum(-1).double() * present).sum(1) / present.sum(1).clamp(min=1)
+    per_case_rows = [{"case_id": case_ids[j], "readers_marked": int(n_marked[j]), "readers": int(present[j].sum()),
+                      "reader_area_px": round(float(reader_area[j]), 1),
+                      "no_diversity_ged": float(ref_scores["no_diversity"]["ged"][j]),
+                      "ged": {str(nfe): float(per_case_by_nfe[nfe]["ged"][j]) for nfe in nfes},
+                      "empty": {str(nfe): float(empty_of[nfe][j]) for nfe in nfes}}
+                     for j in range(len(picks))]
     for row in rows:
         ged = per_case_by_nfe[row["nfe"]]["ged"]
         ratio, low, high = bootstrap_ratio(ged, ref_scores["no_diversity"]["ged"], seed=seed)
@@ -213,7 +221,7 @@ def score_sweep(net, dataset, picks: list[int], cases: int | None, sampled: dict
         **report_header("nfe", net, dataset, picks, cases, subsets, device),
         "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": nfes,
         "conventions": CONVENTIONS, "rows": rows, "references": references,
-        "readers_empty": readers_empty(experts, present),
+        "readers_empty": readers_empty(experts, present), "cases": per_case_rows,
     }
 
 
@@ -228,6 +236,18 @@ def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int 
 
 def plus_minus(entry: dict, spec: str = ".3f") -> str:
     return f"{entry['mean']:{spec}} ± {entry['se']:{spec}}"
+
+
+def render_costliest_cases(cases: list[dict], nfe: str, k: int = 10) -> list[str]:
+    """Markdown lines: the `k` cases whose GED at `nfe` is furthest above no diversity's, with how many readers
+    marked them, the readers' mean mask area and the model's empty samples (every case: `cases` in nfe.json)."""
+    worst = sorted(cases, key=lambda c: c["ged"][nfe] - c["no_diversity_ged"], reverse=True)[:k]
+    lines = ["", f"The {len(worst)} cases furthest above no diversity at NFE {nfe} (every case: `cases` in nfe.json):",
+             "", "| case | marked | readers' mean area (px) | GED | no diversity | empty samples |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {c['case_id']} | {c['readers_marked']}/{c['readers']} | {c['reader_area_px']:g} | "
+              f"{c['ged'][nfe]:.3f} | {c['no_diversity_ged']:.3f} | {c['empty'][nfe]:.0%} |" for c in worst]
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -273,6 +293,8 @@ def render_markdown(report: dict) -> str:
             f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in ref["subsets"].values()) + " |")
     if "readers_empty" in report:
         lines += render_empty_breakdown(report["rows"], {"nfe": "NFE"}, report["readers_empty"])
+    if report.get("cases"):
+        lines += render_costliest_cases(report["cases"], str(max(report["nfes"])))
     lines += ["", "empty: the fraction of empty masks; all empty, ≥ 2 marked: cases whose every sample is empty "
               "although two or more readers marked the nodule. Non-empty samples only: the GED of each case's "
               "non-empty samples alone (cases with one or more, in brackets); what a row loses beside it is what "

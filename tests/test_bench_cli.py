@@ -41,6 +41,16 @@ def test_bench_nfe_writes_the_table_the_references_and_the_plot(run, tmp_path):
             assert 0 <= shapes["n"] <= report["data"]["subset_sizes"][name]
             assert shapes["n"] == 0 or shapes["ged"] >= -1e-9
     assert "non-empty samples only" in (out / "nfe.md").read_text()
+    cases = report["cases"]  # per case: its scores, so that the costliest cases can be found
+    assert len({c["case_id"] for c in cases}) == len(cases) == len(picks)
+    for row in report["rows"]:
+        nfe = str(row["nfe"])
+        assert sum(c["ged"][nfe] for c in cases) / len(cases) == pytest.approx(row["ged"]["mean"])
+        assert sum(c["empty"][nfe] for c in cases) / len(cases) == pytest.approx(row["empty_rate"])
+    no_div = report["references"]["no_diversity"]["ged"]["mean"]
+    assert sum(c["no_diversity_ged"] for c in cases) / len(cases) == pytest.approx(no_div)
+    assert all(0 <= c["readers_marked"] <= c["readers"] <= 4 for c in cases)
+    assert "furthest above no diversity at NFE 2" in (out / "nfe.md").read_text()
     assert (out / "nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N = 3" in result.output
 
