@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ssb_fast.atomic import write_atomic
+from ssb_fast.sharding import Shard
 
 PARTS_DIR = "parts"
 
@@ -28,14 +29,12 @@ class PartError(ValueError):
 
 
 def part_cases(picks: list[int], part_id: int, num_parts: int) -> list[int]:
-    """The split indices part `part_id` of `num_parts` samples: every K-th entry of `picks` from `part_id`."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}; got {part_id}")
-    return picks[part_id::num_parts]
+    """The split indices part `part_id` of `num_parts` samples: `sample`'s rule applied to `picks`."""
+    return [picks[j] for j in Shard(part_id=part_id, num_parts=num_parts).cases(len(picks))]
 
 
 def part_path(out_dir: Path, part_id: int, num_parts: int) -> Path:
-    return Path(out_dir) / PARTS_DIR / f"nfe-part-{part_id}-of-{num_parts}.npz"
+    return Path(out_dir) / PARTS_DIR / f"nfe-{Shard(part_id=part_id, num_parts=num_parts).label}.npz"
 
 
 def model_digest(net: torch.nn.Module) -> str:

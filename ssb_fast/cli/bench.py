@@ -305,14 +305,17 @@ def nfe(
     """
     from ssb_fast.bench.nfe import plot, render_markdown, run_nfe_sweep
     from ssb_fast.bench.nfe_parts import PartError
+    from ssb_fast.sharding import make_shard
 
     try:
         dev = resolve_device(device)
         set_threads(threads)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
-    if (num_parts is None) != (part_id is None):
-        fail("--num-parts K and --part-id I go together (part I of K, I in 0..K-1)", ExitCode.BAD_ARGUMENTS)
+    try:  # the same rule and checks as `sample --num-parts`; torchrun's ranks are not parts here
+        make_shard(num_parts, part_id, env={})
+    except ValueError as err:
+        fail(str(err), ExitCode.BAD_ARGUMENTS)
     if num_parts is not None and out is None:
         fail("--num-parts needs --out DIR: the parts meet in that folder", ExitCode.BAD_ARGUMENTS)
     steps = _numbers(nfes, int, "--nfe", 1)
