@@ -395,3 +395,34 @@ def test_folder_import_with_size_resizes_scans_of_different_sizes(tmp_path):
                                  "--split", "test", "--size", "12"])
     assert result.exit_code == 0, result.output
     assert load(tmp_path / "cli", "test").image_size == (12, 12)
+
+
+def test_folder_import_with_center_crop_keeps_the_central_pixels_then_resizes(tmp_path):
+    root = tmp_path / "src"
+    image = (np.arange(20 * 20).reshape(20, 20) % 256).astype(np.uint8)
+    _png(root / "images" / "case0.png", image)
+    mask = np.zeros((20, 20), dtype=np.uint8)
+    mask[6:10, 6:10] = 255  # inside the central 16x16 (rows and columns 2..17), at its offset 4..7
+    mask[0, 0] = 255  # outside it: cut away
+    _png(root / "masks" / "case0_r0.png", mask)
+    meta = import_folder(root, tmp_path / "crop", split="test", crop=16)
+    assert meta["center_crop"] == {"side": 16, "source_shapes": ["20x20"]}
+    ds = load(tmp_path / "crop", "test")
+    assert ds.image_size == (16, 16)
+    m = ds.masks[0][0].numpy()
+    assert m.sum() == 16 and m[4:8, 4:8].all()
+    expected = image[2:18, 2:18].astype(np.float64) / 255 * 2 - 1
+    np.testing.assert_allclose(ds.images[0][0].numpy(), expected, atol=1e-6)
+    meta = import_folder(root, tmp_path / "both", split="test", crop=16, size=8)  # crop first, then resize
+    assert meta["resized"]["size"] == 8
+    m = load(tmp_path / "both", "test").masks[0][0].numpy()
+    assert m[2:4, 2:4].all() and m.sum() == 4
+    with pytest.raises(DataFormatError, match="smaller than the 24x24 centre crop"):
+        import_folder(root, tmp_path / "big", split="test", crop=24)
+    result = runner.invoke(app, ["data", "import-folder", str(root), "--out", str(tmp_path / "cli"),
+                                 "--split", "test", "--center-crop", "24"])
+    assert result.exit_code == 3 and "case0.png" in result.output and "24x24" in result.output, result.output
+    assert not (tmp_path / "cli").exists()
+    result = runner.invoke(app, ["data", "import-folder", str(root), "--out", str(tmp_path / "cli"),
+                                 "--split", "test", "--center-crop", "10"])
+    assert result.exit_code == 0 and "central 10x10 pixels of 20x20" in result.output, result.output

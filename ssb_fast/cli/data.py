@@ -114,6 +114,15 @@ def _report(meta: dict, out: str, seconds: float, json_out: bool) -> None:
             f"left out: {counts['skipped_groups_over_4_annotations']} groups of >4 annotations "
             f"({counts['skipped_annotations_in_those_groups']} annotations)"
         )
+    steps = []
+    if "center_crop" in meta:
+        side = meta["center_crop"]["side"]
+        steps.append(f"central {side}x{side} pixels of {', '.join(meta['center_crop']['source_shapes'])}")
+    if "resized" in meta:
+        steps.append(f"resized to {meta['resized']['size']} px (images: area averaging; masks: area averaging, "
+                     "then >= 0.5)")
+    if steps:
+        typer.echo("geometry     " + ", then ".join(steps))
     if "image_scaling" in meta:
         sc = meta["image_scaling"]
         typer.echo(f"intensities  [{sc['from'][0]:g}, {sc['from'][1]:g}] -> [-1, 1] ({sc['rule']})")
@@ -295,13 +304,19 @@ def import_folder(
         "--size", min=8, max=1024,
         help="Resize every case to SIZE x SIZE: images by area averaging, masks by area averaging then >= 0.5 "
              "(a model samples scans of the size it was trained on) [default: keep the source size].")] = None,
+    center_crop: Annotated[int | None, typer.Option(
+        "--center-crop", min=8, max=4096,
+        help="Keep only the central C x C pixels of every case, before --size: match a model's field of view "
+             "(128-px crops at 0.5 mm with --center-crop 64 cover the 32 mm of `lidc-contours --size 64 "
+             "--spacing 0.5`) [default: the whole scan].")] = None,
     no_progress: NoProgressOption = False,
     json_out: JsonOption = False,
 ) -> None:
     """Import a folder of images (png, jpg, npy, nii.gz) with one mask file per reader.
 
     Layout: images/<case>.<ext> and masks/<case>_r<K>.<ext>; NIfTI needs nibabel (the `nifti` extra).
-    With --size, scans of any size are resized to one square size.
+    With --size, scans of any size are resized to one square size; --center-crop first cuts every scan to
+    its central pixels.
     """
     if split not in ("auto", "train", "val", "test"):
         fail(f"--split must be auto, train, val or test, got {split!r}", ExitCode.BAD_ARGUMENTS)
@@ -323,6 +338,7 @@ def import_folder(
                 layout=layout,
                 progress=advance,
                 size=size,
+                crop=center_crop,
             )
     _report(meta, out, time.perf_counter() - started, json_out)
 

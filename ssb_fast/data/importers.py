@@ -81,22 +81,35 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 MIN_SIDE = 8  # the smallest scan side an import accepts (and the smallest --size)
 
 
+def center_crop(array: np.ndarray, side: int) -> np.ndarray:
+    """The central side x side pixels of a (..., H, W) array (for odd margins the extra pixel is cut at the
+    bottom and right), the crop that keeps a centred nodule centred."""
+    height, width = array.shape[-2:]
+    top, left = (height - side) // 2, (width - side) // 2
+    return array[..., top:top + side, left:left + side]
+
+
 def assemble(
     cases: list[RawCase],
     threshold: float | None = None,
     image_range: tuple[float, float] | None = None,
     progress: Callable[[int], None] | None = None,
     size: int | None = None,
+    crop: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Check and convert raw cases into project arrays; returns the arrays and the scaling used.
 
-    `size` resizes every case to size x size (images by area averaging, masks by area averaging and
-    >= 0.5), so scans of different sizes can be imported together; without it all must share one shape.
+    `crop` first keeps the central crop x crop pixels of every case (a field of view to match a model's:
+    the central 64 pixels of a 128-pixel crop at 0.5 mm cover 32 mm). `size` then resizes every case to
+    size x size (images by area averaging, masks by area averaging and >= 0.5), so scans of different
+    sizes can be imported together; without either, all must share one shape.
     """
     if not cases:
         raise DataFormatError(None, "no cases found")
     if size is not None and size < MIN_SIDE:
         raise ValueError(f"size must be >= {MIN_SIDE} pixels; got {size}")
+    if crop is not None and crop < MIN_SIDE:
+        raise ValueError(f"crop must be >= {MIN_SIDE} pixels; got {crop}")
     dtypes, low, high = set(), np.inf, -np.inf
     shape = None
     for case in cases:
@@ -108,15 +121,19 @@ def assemble(
         if case.image.size:
             dtypes.add(case.image.dtype)
             low, high = min(low, float(case.image.min())), max(high, float(case.image.max()))
+        if crop is not None and min(case.image.shape[1:]) < crop:
+            height, width = case.image.shape[1:]
+            raise DataFormatError(case.image_path, f"the image is {height}x{width} pixels, smaller than the "
+                                                   f"{crop}x{crop} centre crop asked for", case.case_id)
         if shape is None:
             shape = case.image.shape
-        elif size is not None and case.image.shape[0] != shape[0]:
+        elif (size is not None or crop is not None) and case.image.shape[0] != shape[0]:
             raise DataFormatError(
                 case.image_path,
                 f"the image has {case.image.shape[0]} channel(s); the first case's has {shape[0]}",
                 case.case_id,
             )
-        elif size is None and case.image.shape != shape:
+        elif size is None and crop is None and case.image.shape != shape:
             raise DataFormatError(
                 case.image_path,
                 f"image shape {case.image.shape} (C, H, W) differs from the first case's {shape}",
@@ -128,13 +145,15 @@ def assemble(
     slots = sorted({k for c in cases for k in c.masks})
     slot_of = {k: i for i, k in enumerate(slots)}
     n, channels = len(cases), shape[0]
-    out_h, out_w = (size, size) if size is not None else shape[1:]
+    out_h, out_w = (size, size) if size is not None else (crop, crop) if crop is not None else shape[1:]
     images = np.empty((n, channels, out_h, out_w), dtype=np.float32)
     masks = np.zeros((n, len(slots), out_h, out_w), dtype=np.uint8)
     present = np.zeros((n, len(slots)), dtype=bool)
     for i, case in enumerate(cases):
         image = scaling.apply(case.image)
         height, width = case.image.shape[1:]
+        if crop is not None:
+            image = center_crop(image, crop)
         images[i] = resize_area(image, size) if size is not None else image
         for k, (mask, path) in case.masks.items():
             if mask.shape != (height, width):
@@ -145,6 +164,8 @@ def assemble(
                     case.case_id,
                 )
             binary = binarise_mask(mask, path, case.case_id, threshold, lossy=case.lossy_masks)
+            if crop is not None:
+                binary = center_crop(binary, crop)
             masks[i, slot_of[k]] = resize_mask(binary, size) if size is not None else binary
             present[i, slot_of[k]] = True
         if progress is not None:
@@ -423,8 +444,10 @@ def import_folder(
     layout: str = "auto",
     progress: Callable[[int], None] | None = None,
     size: int | None = None,
+    crop: int | None = None,
 ) -> dict:
-    """Import a folder of images and per-reader masks (resized to size x size when `size` is given).
+    """Import a folder of images and per-reader masks (cut to their central crop x crop pixels when `crop`
+    is given, then resized to size x size when `size` is given).
 
     `split="auto"` keeps train/val/test (or training/testing) subfolders when there are any and otherwise
     splits the cases 70/15/15 with `seed`; `split="train"|"val"|"test"` puts every case in that split.
@@ -435,7 +458,10 @@ def import_folder(
         raise ValueError(f"layout must be auto, standard or cimd, got {layout!r}")
     found, used_layout = read_folder(src, layout)
     cases = [c for group in found.values() for c in group]
-    arrays, info = assemble(cases, threshold, image_range, progress, size)
+    arrays, info = assemble(cases, threshold, image_range, progress, size, crop)
+    if crop is not None:
+        info["center_crop"] = {"side": crop,
+                               "source_shapes": sorted({"x".join(map(str, c.image.shape[1:])) for c in cases})}
     if size is not None:
         info["resized"] = {"size": size, "images": "area averaging", "masks": "area averaging, then >= 0.5",
                            "source_shapes": sorted({"x".join(map(str, c.image.shape[1:])) for c in cases})}
