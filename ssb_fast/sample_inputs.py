@@ -173,7 +173,8 @@ def check_scan(chw_shape: tuple, spec: ModelInput, path, case: str, hint: str = 
 
 def _resize_hint(size: tuple[int, int]) -> str:
     return (f". Resize the images to {size[0]}x{size[1]} first, by area averaging (`ssb-fast data import-folder "
-            f"--size {size[0]}` does that)")
+            f"--size {size[0]}` does that), or, for a model trained at the scans' own pixel size on a smaller field "
+            f"of view, cut out their central pixels (`--center-crop {size[0]}`)")
 
 
 def check_scans_fit(model, scans: ScanSet) -> None:

@@ -178,7 +178,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return {
         "odd": (odd, "30x30 pixels, which the model's 2 down-sampling steps cannot take (both sides must be "
                      "multiples of 4); it was trained on 32x32 scans and takes only that size. Resize the images "
-                     "to 32x32 first, by area averaging (`ssb-fast data import-folder --size 32`"),
+                     "to 32x32 first, by area averaging (`ssb-fast data import-folder --size 32` does that), or, for a "
+                     "model trained at the scans' own pixel size on a smaller field of view, cut out their central "
+                     "pixels (`--center-crop 32`)"),
         "big": (big, "64x64 pixels; the model was trained on 32x32 scans and takes only that size"),
         "rgb": (rgb, "3 channel(s); the model expects 1"),
         "nan": (nan, "1 NaN/Inf value(s)"),
