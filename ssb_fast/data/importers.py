@@ -459,12 +459,12 @@ def import_folder(
     found, used_layout = read_folder(src, layout)
     cases = [c for group in found.values() for c in group]
     arrays, info = assemble(cases, threshold, image_range, progress, size, crop)
+    source_shapes = sorted({"x".join(map(str, c.image.shape[1:])) for c in cases})
     if crop is not None:
-        info["center_crop"] = {"side": crop,
-                               "source_shapes": sorted({"x".join(map(str, c.image.shape[1:])) for c in cases})}
+        info["center_crop"] = {"side": crop, "source_shapes": source_shapes}
     if size is not None:
         info["resized"] = {"size": size, "images": "area averaging", "masks": "area averaging, then >= 0.5",
-                           "source_shapes": sorted({"x".join(map(str, c.image.shape[1:])) for c in cases})}
+                           "source_shapes": source_shapes}
     if split in SPLITS:
         parts = {split: list(range(len(cases)))}
         rule = f"every case in {split}"
