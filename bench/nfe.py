@@ -291,6 +291,12 @@ def render_markdown(report: dict) -> str:
     for key, ref in report["references"].items():
         lines.append(f"| {key} | " + " | ".join(
             f"{s['ged']:.3f} ± {s['ged_se']:.3f}" for s in ref["subsets"].values()) + " |")
+    marked_ratios = [(r["nfe"], r["ged_ratio_all_readers_marked"]) for r in report["rows"]
+                     if "ged_ratio_all_readers_marked" in r]
+    if marked_ratios:
+        lines += ["", "GED / no diversity on the nodules every present reader marked (95% bootstrap interval): "
+                  + "; ".join(f"NFE {nfe} {x['ratio']:.2f} ({x['low']:.2f}–{x['high']:.2f})"
+                              for nfe, x in marked_ratios) + "."]
     if "readers_empty" in report:
         lines += render_empty_breakdown(report["rows"], {"nfe": "NFE"}, report["readers_empty"])
     if report.get("cases"):

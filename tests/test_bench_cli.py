@@ -51,6 +51,15 @@ def test_bench_nfe_writes_the_table_the_references_and_the_plot(run, tmp_path):
     assert sum(c["no_diversity_ged"] for c in cases) / len(cases) == pytest.approx(no_div)
     assert all(0 <= c["readers_marked"] <= c["readers"] <= 4 for c in cases)
     assert "furthest above no diversity at NFE 2" in (out / "nfe.md").read_text()
+    every_marked = [c for c in cases if c["readers_marked"] == c["readers"]]
+    for row in report["rows"]:  # the all-marked ratio is over exactly those cases, and nfe.md quotes it
+        if not every_marked:
+            assert "ged_ratio_all_readers_marked" not in row
+            continue
+        marked = row["ged_ratio_all_readers_marked"]
+        assert marked["ratio"] == pytest.approx(sum(c["ged"][str(row["nfe"])] for c in every_marked)
+                                                / sum(c["no_diversity_ged"] for c in every_marked))
+        assert f"NFE {row['nfe']} {marked['ratio']:.2f} ({marked['low']:.2f}–" in (out / "nfe.md").read_text()
     assert (out / "nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "N = 3" in result.output
 
