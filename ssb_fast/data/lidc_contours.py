@@ -28,6 +28,7 @@ from ssb_fast.data.rasterise import rasterise_contours
 from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
 
 N_READERS = 4  # every LIDC-IDRI scan was read by up to four radiologists
+SLICE_MODES = ("max", "all", "train-all")
 # How the generator renders a nodule's solidity and contrast (meta.json records the description).
 APPEARANCES = {
     "ratings": "nodule solidity and contrast from its readers' mean LIDC texture and subtlety ratings",
@@ -268,7 +269,9 @@ def nodule_crops(
     include_contour: bool,
 ) -> list[NoduleCrop]:
     """The crops of one nodule: the slice with the most reader area (`slices="max"`) or every slice on which
-    some reader's mask is non-empty (`"all"`), each centred on the max-area slice's consensus centroid.
+    some reader's mask is non-empty (`"all"`, `"train-all"`), each centred on the max-area slice's consensus
+    centroid. With `"train-all"` the max-area slice keeps the plain nodule id (so its image is the one a
+    `"max"` build draws) and only the other slices carry a `_k<slice>` suffix.
 
     Readers who did not annotate the nodule fill the remaining slots up to four as empty masks, flagged
     present (`pad="empty"`, as in the standard LIDC crops: each reader read the scan and did not mark this
@@ -317,7 +320,7 @@ def nodule_crops(
         present = np.zeros(N_READERS, dtype=bool)
         present[: len(group) if pad == "absent" else N_READERS] = True
         case_id = nodule_id
-        if slices == "all":
+        if slices == "all" or (slices == "train-all" and ki != best):
             case_id += f"_k{ks[ki]:03d}"
         crops.append(
             NoduleCrop(
@@ -363,10 +366,13 @@ def build_lidc_contours(
     None keeps each scan's own spacing. `limit` keeps the first `limit` patients (sorted by id). Splits are
     by patient, 70/15/15 with `seed`. `appearance="ratings"` renders each nodule's solidity and contrast
 from its readers' mean texture and subtlety ratings; `"prior"` draws them (15% ground glass, all obvious)
-as datasets built before the ratings were read. `progress(1)` is called after each scan (`count_scans` gives the total).
+as datasets built before the ratings were read. `slices` is "max" (each nodule's slice with the most reader
+area), "all" (every slice a reader marked) or "train-all" (every marked slice in the training split, the
+max-area slice in validation and test, which are then the same cases and pixels as a "max" build's).
+`progress(1)` is called after each scan (`count_scans` gives the total).
     """
-    if slices not in ("max", "all"):
-        raise ValueError(f"slices must be 'max' or 'all', got {slices!r}")
+    if slices not in SLICE_MODES:
+        raise ValueError(f"slices must be one of {', '.join(SLICE_MODES)}, got {slices!r}")
     if pad not in ("empty", "absent"):
         raise ValueError(f"pad must be 'empty' or 'absent', got {pad!r}")
     if size < 8:
@@ -413,6 +419,9 @@ as datasets built before the ratings were read. `progress(1)` is called after ea
     del images_list
 
     parts = split_by_group([c.patient_id for c in crops], seed=seed)
+    if slices == "train-all":
+        for name in ("val", "test"):
+            parts[name] = [i for i in parts[name] if crops[i].is_main]
     splits = {}
     for name in SPLITS:
         idx = parts[name]
@@ -459,7 +468,7 @@ as datasets built before the ratings were read. `progress(1)` is called after ea
             "patients": len({s.patient_id for s in scans}),
             "scans": len(scans),
             "nodules": n_nodules,
-            "cases": len(crops),
+            "cases": sum(len(idx) for idx in parts.values()),
             "nodules_by_annotations": {str(k): by_annotations.get(k, 0) for k in range(1, N_READERS + 1)},
             "nodules_by_non_empty_masks": {str(k): by_non_empty.get(k, 0) for k in range(1, N_READERS + 1)},
             "nodules_with_2plus_non_empty_masks": sum(v for k, v in by_non_empty.items() if k >= 2),
