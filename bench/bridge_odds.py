@@ -19,6 +19,7 @@ tabulates it over beta_max, NFE, region area and P(marked).
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 
 import torch
@@ -61,7 +62,7 @@ class OddsOracle:
 
 
 def drawn_share(bridge: Bridge, nfe: int, prior: float, area: int, n_draws: int = 2000, seed: int = 0,
-                scan_value: float = 0.0) -> float:
+                scan_value: float = 0.0, first_step_noise: float = 1.0) -> float:
     """Share of `n_draws` masks that mark the region (more than half its pixels), from the project's
     `Sampler` with guidance 1 and the `OddsOracle` for (prior, area). A faithful sampler returns ~prior."""
     oracle = OddsOracle(bridge, prior, area)
@@ -70,39 +71,43 @@ def drawn_share(bridge: Bridge, nfe: int, prior: float, area: int, n_draws: int 
         width -= 1
     scan = torch.full((1, 1, area // width, width), float(scan_value))
     sampler = Sampler(oracle, bridge, nfe=nfe, guidance=1.0, n_labels=1, null_label=1, seed=seed, device="cpu",
-                      max_batch=512)
+                      max_batch=512, first_step_noise=first_step_noise)
     masks = sampler.sample(scan, n_draws).masks  # (1, N, H, W)
     return float((masks.flatten(2).float().mean(-1) > 0.5).float().mean())
 
 
 def odds_table(beta_maxes: list[float], nfes: list[int], areas: list[int], priors: list[float],
-               n_timesteps: int = 1000, n_draws: int = 2000, seed: int = 0, log=None) -> list[dict]:
-    """One row per (beta_max, nfe, area, prior): the share drawn, its binomial standard error and the gap."""
+               n_timesteps: int = 1000, n_draws: int = 2000, seed: int = 0, log=None,
+               first_step_noises=(1.0,)) -> list[dict]:
+    """One row per (beta_max, nfe, first-step noise, area, prior): the share drawn, its binomial standard
+    error and the gap."""
     rows = []
     for beta_max in beta_maxes:
         bridge = Bridge(n_timesteps, beta_max)
-        for nfe in nfes:
-            for area in areas:
-                for prior in priors:
-                    share = drawn_share(bridge, nfe, prior, area, n_draws, seed)
-                    rows.append({"beta_max": beta_max, "nfe": nfe, "area": area, "prior": prior, "drawn": share,
-                                 "se": math.sqrt(max(share * (1 - share), 1e-12) / n_draws),
-                                 "gap": share - prior})
-                    if log:
-                        log(f"beta_max {beta_max:g}, NFE {nfe}, area {area} px, P(marked) {prior:g}: {share:.3f}")
+        for nfe, noise, area, prior in itertools.product(nfes, first_step_noises, areas, priors):
+            share = drawn_share(bridge, nfe, prior, area, n_draws, seed, first_step_noise=noise)
+            rows.append({"beta_max": beta_max, "nfe": nfe, "first_step_noise": noise, "area": area, "prior": prior,
+                         "drawn": share, "se": math.sqrt(max(share * (1 - share), 1e-12) / n_draws),
+                         "gap": share - prior})
+            if log:
+                log(f"beta_max {beta_max:g}, NFE {nfe}, first-step noise {noise:g}, area {area} px, "
+                    f"P(marked) {prior:g}: {share:.3f}")
     return rows
 
 
 def run_bridge_odds(beta_maxes: list[float], nfes: list[int], areas: list[int], priors: list[float],
-                    n_timesteps: int = 1000, n_draws: int = 2000, seed: int = 0, log=None) -> dict:
+                    n_timesteps: int = 1000, n_draws: int = 2000, seed: int = 0, log=None,
+                    first_step_noises=(1.0,)) -> dict:
     """The report of `bench bridge-odds`: the table and what produced it (CPU; the oracle is arithmetic)."""
     return {"kind": "bridge-odds", "date": _dt.date.today().isoformat(), "device": "cpu",
             "versions": versions("cpu"), "n_timesteps": n_timesteps, "n_draws": n_draws, "seed": seed,
-            "rows": odds_table(beta_maxes, nfes, areas, priors, n_timesteps, n_draws, seed, log)}
+            "rows": odds_table(beta_maxes, nfes, areas, priors, n_timesteps, n_draws, seed, log,
+                               first_step_noises)}
 
 
 def render_markdown(report: dict) -> str:
-    rows = report["rows"]
+    # Reports written before the first-step noise was an axis sampled with I2SB's posterior noise (1).
+    rows = [{"first_step_noise": 1.0, **r} for r in report["rows"]]
     areas = sorted({r["area"] for r in rows})
     priors = sorted({r["prior"] for r in rows})
     cols = [(a, p) for p in priors for a in areas]
@@ -112,11 +117,13 @@ def render_markdown(report: dict) -> str:
              f"{report['seed']}) run with the Bayes-optimal network for that region. A faithful sampler draws "
              "P; a gap is the sampler's (too few steps, too little bridge noise), not a model's. Binomial "
              "standard error ≤ " + f"{max(r['se'] for r in rows):.3f}.", "",
-             "| beta_max | NFE | " + " | ".join(f"P {p:g}, A {a}" for a, p in cols) + " |",
-             "| ---: | ---: |" + " ---: |" * len(cols)]
-    index = {(r["beta_max"], r["nfe"], r["area"], r["prior"]): r["drawn"] for r in rows}
-    for beta_max, nfe in dict.fromkeys((r["beta_max"], r["nfe"]) for r in rows):
-        lines.append(f"| {beta_max:g} | {nfe} | " + " | ".join(f"{index[(beta_max, nfe, a, p)]:.3f}" for a, p in cols)
-                     + " |")
-    lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}."]
+             "| beta_max | NFE | first-step noise | " + " | ".join(f"P {p:g}, A {a}" for a, p in cols) + " |",
+             "| ---: | ---: | ---: |" + " ---: |" * len(cols)]
+    index = {(r["beta_max"], r["nfe"], r["first_step_noise"], r["area"], r["prior"]): r["drawn"] for r in rows}
+    for key in dict.fromkeys((r["beta_max"], r["nfe"], r["first_step_noise"]) for r in rows):
+        lines.append(f"| {key[0]:g} | {key[1]} | {key[2]:g} | "
+                     + " | ".join(f"{index[(*key, a, p)]:.3f}" for a, p in cols) + " |")
+    lines += ["", "first-step noise: the factor on the standard deviation of the noise the first step adds (1 = "
+              "I2SB's posterior); the first step decides whether a region is marked, since every mask starts at "
+              "the scan.", "", f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}."]
     return "\n".join(lines) + "\n"

@@ -146,7 +146,8 @@ def report_header(kind: str, net, dataset, picks: list[int], cases: int | None, 
 
 def sample_sweep(net, bridge: Bridge, dataset, picks: list[int], nfes: list[int], n_samples: int = 16,
                  guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
-                 max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict[int, dict]:
+                 max_batch: int | None = None, log: Callable[[str], None] | None = None,
+                 first_step_noise: float = 1.0) -> dict[int, dict]:
     """Sample the cases `picks` (split indices) at every NFE: per NFE the masks (S, N, H, W), their expert
     labels (S, N), the steady masks/s and the warm-up seconds. The noise is keyed by case id and mask index,
     so a case's masks are the same whichever cases are sampled beside it."""
@@ -158,7 +159,8 @@ def sample_sweep(net, bridge: Bridge, dataset, picks: list[int], nfes: list[int]
     for nfe in sorted(nfes):
         if log:
             log(f"NFE {nfe}: {len(picks)} cases x {n_samples} masks")
-        sampler = Sampler(net, bridge, nfe=nfe, guidance=guidance, seed=seed, device=device, max_batch=max_batch)
+        sampler = Sampler(net, bridge, nfe=nfe, guidance=guidance, seed=seed, device=device, max_batch=max_batch,
+                          first_step_noise=first_step_noise)
         result = sampler.sample(scans, n_samples, case_ids=case_ids)
         sampled[nfe] = {"masks": result.masks.bool(), "labels": result.labels,
                         "masks_per_s": result.stats["masks_per_s"], "warmup_s": result.stats["warmup_seconds"]}
@@ -166,7 +168,7 @@ def sample_sweep(net, bridge: Bridge, dataset, picks: list[int], nfes: list[int]
 
 
 def score_sweep(net, dataset, picks: list[int], cases: int | None, sampled: dict[int, dict], n_samples: int,
-                guidance: float, seed: int, device: torch.device | str = "cpu") -> dict:
+                guidance: float, seed: int, device: torch.device | str = "cpu", first_step_noise: float = 1.0) -> dict:
     """The report of `sample_sweep`'s masks (every case of `picks`, in that order): every metric per NFE,
     the references on the same cases, the ratio to no diversity with its bootstrap interval."""
     device = torch.device(device)
@@ -219,19 +221,21 @@ def score_sweep(net, dataset, picks: list[int], cases: int | None, sampled: dict
             row["ged_ratio_all_readers_marked"] = {"ratio": r, "low": lo, "high": hi}
     return {
         **report_header("nfe", net, dataset, picks, cases, subsets, device),
-        "n_samples": n_samples, "guidance": guidance, "seed": seed, "nfes": nfes,
-        "conventions": CONVENTIONS, "rows": rows, "references": references,
+        "n_samples": n_samples, "guidance": guidance, "first_step_noise": first_step_noise, "seed": seed,
+        "nfes": nfes, "conventions": CONVENTIONS, "rows": rows, "references": references,
         "readers_empty": readers_empty(experts, present), "cases": per_case_rows,
     }
 
 
 def run_nfe_sweep(net, bridge: Bridge, dataset, nfes: list[int], n_samples: int = 16, cases: int | None = None,
                   guidance: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
-                  max_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+                  max_batch: int | None = None, log: Callable[[str], None] | None = None,
+                  first_step_noise: float = 1.0) -> dict:
     """Sample the chosen cases at every NFE and score them with the references; returns the report."""
     picks = spread_cases(len(dataset), cases)
-    sampled = sample_sweep(net, bridge, dataset, picks, nfes, n_samples, guidance, seed, device, max_batch, log)
-    return score_sweep(net, dataset, picks, cases, sampled, n_samples, guidance, seed, device)
+    sampled = sample_sweep(net, bridge, dataset, picks, nfes, n_samples, guidance, seed, device, max_batch, log,
+                           first_step_noise)
+    return score_sweep(net, dataset, picks, cases, sampled, n_samples, guidance, seed, device, first_step_noise)
 
 
 def plus_minus(entry: dict, spec: str = ".3f") -> str:
@@ -255,7 +259,9 @@ def render_markdown(report: dict) -> str:
     d = report["data"]
     lines = [f"# NFE against quality, {report['date']}, {report['device']}", "",
              f"`{report['model']['preset']}` at {report['model']['image_size']}², N = {report['n_samples']} masks per "
-             f"case, guidance {report['guidance']:g}, seed {report['seed']}; {d['cases']} cases of {d['split_cases']} "
+             f"case, guidance {report['guidance']:g}"
+             + (f", first-step noise {report['first_step_noise']:g}" if report.get("first_step_noise", 1) != 1 else "")
+             + f", seed {report['seed']}; {d['cases']} cases of {d['split_cases']} "
              f"({d['spread']}) from {d['source']}"
              + (f" (images: {d['appearance']})" if d.get("appearance") else "")
              + (f"; sampled in {d['parts']} parts, masks/s is one process's rate" if d.get("parts") else "")

@@ -48,11 +48,12 @@ def model_digest(net: torch.nn.Module) -> str:
 
 
 def sweep_settings(net, dataset, picks: list[int], nfes: list[int], n_samples: int, guidance: float, seed: int,
-                   num_parts: int) -> dict:
+                   num_parts: int, first_step_noise: float = 1.0) -> dict:
     """What every part of one report must share."""
     return {"model_sha256": model_digest(net), "data": str(dataset.source), "split_cases": len(dataset),
             "case_indices": list(picks), "nfes": sorted(nfes), "n_samples": int(n_samples),
-            "guidance": float(guidance), "seed": int(seed), "num_parts": int(num_parts)}
+            "guidance": float(guidance), "first_step_noise": float(first_step_noise), "seed": int(seed),
+            "num_parts": int(num_parts)}
 
 
 def save_part(path: Path, settings: dict, part_id: int, picks: list[int], sampled: dict[int, dict]) -> Path:
@@ -79,7 +80,8 @@ def load_part(path: Path, settings: dict, part_id: int) -> tuple[list[int], dict
     """(the part's split indices, its sampled NFEs) after checking it was sampled with `settings`."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            found = json.loads(str(npz["settings"]))
+            # parts saved before the first-step noise was a setting were sampled with I2SB's noise (1)
+            found = {"first_step_noise": 1.0, **json.loads(str(npz["settings"]))}
             if int(npz["part_id"]) != part_id:
                 raise PartError(f"{path}: expected part {part_id}, found part {int(npz['part_id'])}")
             differ = sorted(k for k in set(settings) | set(found) if settings.get(k) != found.get(k))

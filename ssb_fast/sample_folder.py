@@ -60,7 +60,10 @@ CASE_JSON = "case.json"
 MAPS = ("mean", "entropy", "majority")
 # The settings that decide the masks: a continued run, or another part, must repeat them to reuse or add
 # cases. The device, --max-batch and compilation may change (keyed noise makes chunking irrelevant).
-MASK_SETTINGS = ("model_sha256", "bridge", "n_samples", "nfe", "guidance", "labels", "ot_ode", "seed", "soft")
+MASK_SETTINGS = ("model_sha256", "bridge", "n_samples", "nfe", "guidance", "labels", "ot_ode", "seed", "soft",
+                 "first_step_noise")
+# What a folder written before a setting existed was sampled with.
+MASK_SETTING_DEFAULTS = {"first_step_noise": 1.0}
 
 
 # ---- names --------------------------------------------------------------------------------------------
@@ -321,8 +324,10 @@ def folder_lock(out: Path):
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:
-    return [f"{key} {saved.get(key)!r} there, {wanted[key]!r} now" for key in MASK_SETTINGS
-            if saved.get(key) != wanted[key]]
+    def there(key):
+        return saved.get(key, MASK_SETTING_DEFAULTS.get(key))
+
+    return [f"{key} {there(key)!r} there, {wanted[key]!r} now" for key in MASK_SETTINGS if there(key) != wanted[key]]
 
 
 def read_args(out: Path) -> dict | None:

@@ -84,6 +84,7 @@ class SampleOptions:
     n_samples: int = 16
     nfe: int = 20
     guidance: float = 1.0
+    first_step_noise: float = 1.0
     labels: str = "cycle"
     ot_ode: bool = False
     seed: int = 0
@@ -108,6 +109,9 @@ class SampleOptions:
             raise SampleRunError(f"max_batch must be an int >= 1; got {self.max_batch!r}")
         if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
             raise SampleRunError(f"guidance must be a finite number >= 0; got {self.guidance!r}")
+        if (isinstance(self.first_step_noise, bool) or not isinstance(self.first_step_noise, (int, float))
+                or not math.isfinite(self.first_step_noise) or self.first_step_noise <= 0):
+            raise SampleRunError(f"first_step_noise must be a finite number > 0; got {self.first_step_noise!r}")
         if self.labels not in LABEL_MODES:
             raise SampleRunError(f"labels must be one of {', '.join(LABEL_MODES)}; got {self.labels!r}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -230,7 +234,8 @@ def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts:
     settings = json.loads(json.dumps({key: args[key] for key in MASK_SETTINGS}))  # as case files hold them
     try:
         sampler = Sampler(net, bridge, nfe=opts.nfe, guidance=opts.guidance, labels=opts.labels, ot_ode=opts.ot_ode,
-                          seed=opts.seed, max_batch=opts.max_batch, device=device, compile=compile_net,
+                          first_step_noise=opts.first_step_noise, seed=opts.seed, max_batch=opts.max_batch,
+                          device=device, compile=compile_net,
                           cuda_graphs=opts.cuda_graphs, precision=None if opts.precision == "auto" else opts.precision)
     except ValueError as err:  # e.g. an NFE beyond the model's bridge
         raise SampleRunError(str(err)) from None
@@ -257,7 +262,8 @@ def _run(net, model_file: Path, bridge: Bridge, scans: ScanSet, out: Path, opts:
         remove_interrupted_writes([out / ARGS_FILE, *(f for i in mine for f in _case_files(paths[i]))])
     reused = set(finished)
     todo = [i for i in mine if i not in reused]
-    settings_line = f"N = {opts.n_samples}, NFE {opts.nfe}, guidance {opts.guidance:g}, labels {opts.labels}"
+    settings_line = (f"N = {opts.n_samples}, NFE {opts.nfe}, guidance {opts.guidance:g}, labels {opts.labels}"
+                     + (f", first-step noise {opts.first_step_noise:g}" if opts.first_step_noise != 1 else ""))
     records: dict[int, dict] = {}
 
     def scan_of(i: int) -> np.ndarray:
@@ -388,7 +394,7 @@ def _invocation_summary(out: Path, model_file: Path, device_name: str, scans: Sc
     return {
         "out": str(out), "model": str(model_file), "device": device_name,
         "n_cases": len(scans), "n_samples": opts.n_samples, "nfe": opts.nfe, "guidance": opts.guidance,
-        "labels": opts.labels, "ot_ode": opts.ot_ode, "seed": opts.seed,
+        "first_step_noise": opts.first_step_noise, "labels": opts.labels, "ot_ode": opts.ot_ode, "seed": opts.seed,
         "has_experts": bool(scans.experts.shape[1] > 0),
         "shard": shard.to_dict(), "part_cases": part["part_cases"],
         "sampled_cases": sampled, "reused_cases": part["part_cases"] - sampled,

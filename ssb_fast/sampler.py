@@ -53,6 +53,20 @@ def expert_labels(case_ids: Sequence[str], n_samples: int, n_labels: int, mode: 
     return torch.tensor(rows, dtype=torch.int64).view(len(case_ids), n_samples)
 
 
+def first_step_noise_scaled(coefs: torch.Tensor, scale: float) -> torch.Tensor:
+    """The (K, 4) sampling coefficients with the first step's noise standard deviation (the last row's
+    `std`, the move down from x_T = the scan) multiplied by `scale`.
+
+    Every mask of a scan starts at the same x_T, so whether a region is marked at all is decided by the
+    noise of the first step. With a handful of steps its posterior std is too small for a region of
+    hundreds of pixels (the region's mean noise falls as 1/sqrt(area)) and the sampler draws the more
+    likely outcome nearly every time; `ssb-fast bench bridge-odds --first-step-noise` measures the share a
+    Bayes-optimal network's samples mark at each scale."""
+    scaled = coefs.clone()
+    scaled[-1, 3] = scaled[-1, 3] * scale
+    return scaled
+
+
 class Sampler:
     """Turn S scans into N masks each with `nfe` network evaluations per mask.
 
@@ -66,6 +80,8 @@ class Sampler:
     precision / channels_last / compile / cuda_graphs / micro_batch: see `StepRunner` (bfloat16 weights and
         channels_last by default on CUDA only; compile pads every call to at most two row counts; on the
         CPU the network runs 32 rows per call).
+    first_step_noise: multiplies the standard deviation of the noise the first step adds (1 = I2SB's
+        posterior); see `first_step_noise_scaled`.
     """
 
     def __init__(self, net: Callable, bridge: Bridge, *, nfe: int = 20, guidance: float = 1.0,
@@ -73,7 +89,8 @@ class Sampler:
                  ot_ode: bool = False, clamp: bool = True, max_batch: int | None = None, seed: int = 0,
                  labels: str = "cycle", share_first_step: bool = True, device: torch.device | str | None = None,
                  precision: str | None = None, channels_last: bool | None = None, compile: bool | str = False,
-                 cuda_graphs: bool = False, guidance_fast_path: bool = True, micro_batch: int | None = None):
+                 cuda_graphs: bool = False, guidance_fast_path: bool = True, micro_batch: int | None = None,
+                 first_step_noise: float = 1.0):
         config = getattr(net, "config", None)
         if n_labels is None:  # the null label is index n_labels, so either attribute tells the count
             n_labels = getattr(config, "n_labels", getattr(net, "null_label", 0))
@@ -87,6 +104,9 @@ class Sampler:
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}; got {labels!r}")
         self.steps = bridge.step_indices(nfe)
+        if isinstance(first_step_noise, bool) or not 0.0 < float(first_step_noise) < float("inf"):
+            raise ValueError(f"first_step_noise must be a positive finite number; got {first_step_noise!r}")
+        self.first_step_noise = float(first_step_noise)
         if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
             raise ValueError(f"max_batch must be a positive int; got {max_batch!r}")
         if device is None:
@@ -107,7 +127,7 @@ class Sampler:
         # Per-step tables on the device, built once: network time inputs and posterior coefficients.
         self.schedule = StepSchedule(
             steps=tuple(self.steps), t_in=bridge.noise_levels[self.steps].to(self.device),
-            coefs=bridge.sampling_coefs(self.steps, device=self.device),
+            coefs=first_step_noise_scaled(bridge.sampling_coefs(self.steps), self.first_step_noise).to(self.device),
             steps_dev=torch.tensor(self.steps, dtype=torch.int64, device=self.device),
             guidance=self.guidance, halves=self.halves, ot_ode=bool(ot_ode), clamp=bool(clamp),
         )

@@ -110,6 +110,9 @@ def test_bench_nfe_in_parts_writes_the_report_one_process_writes(run, tmp_path):
 
     other = runner.invoke(app, [*common, "--seed", "1", "--out", str(parts), "--num-parts", "2", "--part-id", "0"])
     assert other.exit_code == 3 and "nfe-part-1-of-2.npz" in other.output and "seed" in other.output
+    other = runner.invoke(app, [*common, "--first-step-noise", "2", "--out", str(parts), "--num-parts", "2",
+                                "--part-id", "0"])
+    assert other.exit_code == 3 and "first_step_noise" in other.output
     lost = runner.invoke(app, [*common, "--num-parts", "2", "--part-id", "0"])
     assert lost.exit_code == 2 and "--out" in lost.output
     alone = runner.invoke(app, [*common, "--out", str(parts), "--num-parts", "2"])
@@ -137,7 +140,7 @@ def test_bench_throughput_reports_every_sampler_and_the_ratios(tmp_path):
 
 def test_bench_bad_options_exit_2_and_gpu_check_without_a_gpu_exits_0(tmp_path):
     bad = runner.invoke(app, ["bench", "throughput", "-n", "0,4", "--out", str(tmp_path)])
-    assert bad.exit_code == 2 and "-n needs numbers >= 1" in bad.output
+    assert bad.exit_code == 2 and "-n needs finite numbers >= 1" in bad.output
     bad = runner.invoke(app, ["bench", "throughput", "--sampler", "fastest", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--sampler must be among" in bad.output
     import torch
@@ -193,19 +196,29 @@ def test_bench_settings_scores_every_setting_and_agrees_with_bench_nfe(run, tmp_
     common = ["--model", str(run_dir), "--data", str(data), "--split", "train", "-n", "3", "--cases", "4",
               "--device", "cpu", "--no-progress"]
     result = runner.invoke(app, ["bench", "settings", *common, "--nfe", "2", "--guidance", "1,0",
-                                 "--labels", "cycle,random", "--threshold", "-0.5,0", "--out", str(tmp_path / "s")])
+                                 "--labels", "cycle,random", "--first-step-noise", "1,3", "--threshold", "-0.5,0",
+                                 "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "s" / "settings.json").read_text())
-    got = [(r["labels"], r["guidance"], r["threshold"]) for r in report["rows"]]
-    assert got == [(m, w, t) for m in ("cycle", "random") for w in (1.0, 0.0) for t in (-0.5, 0.0)]
+    got = [(r["labels"], r["guidance"], r["first_step_noise"], r["threshold"]) for r in report["rows"]]
+    assert got == [(m, w, s, t) for m in ("cycle", "random") for w in (1.0, 0.0) for s in (1.0, 3.0)
+                   for t in (-0.5, 0.0)]
     rows = {k: r for k, r in zip(got, report["rows"], strict=True)}
     for m in ("cycle", "random"):
         for w in (1.0, 0.0):  # a lower threshold marks a superset of the pixels: never more empty masks
-            assert rows[(m, w, -0.5)]["empty_rate"] <= rows[(m, w, 0.0)]["empty_rate"]
-    result = runner.invoke(app, ["bench", "nfe", *common, "--nfe", "2", "--out", str(tmp_path / "n")])
-    assert result.exit_code == 0, result.output
-    nfe_row = json.loads((tmp_path / "n" / "nfe.json").read_text())["rows"][0]
-    assert rows[("cycle", 1.0, 0.0)]["ged"]["mean"] == pytest.approx(nfe_row["ged"]["mean"], abs=1e-9)
-    assert "| cycle | 1 | 0 |" in (tmp_path / "s" / "settings.md").read_text()
+            assert rows[(m, w, 1.0, -0.5)]["empty_rate"] <= rows[(m, w, 1.0, 0.0)]["empty_rate"]
+    for key in ("nfe", "nfe-noise"):
+        noise = ["--first-step-noise", "3"] if key == "nfe-noise" else []
+        result = runner.invoke(app, ["bench", "nfe", *common, "--nfe", "2", *noise, "--out", str(tmp_path / key)])
+        assert result.exit_code == 0, result.output
+        nfe_report = json.loads((tmp_path / key / "nfe.json").read_text())
+        s = 3.0 if noise else 1.0
+        assert nfe_report["first_step_noise"] == s
+        assert rows[("cycle", 1.0, s, 0.0)]["ged"]["mean"] == pytest.approx(nfe_report["rows"][0]["ged"]["mean"],
+                                                                            abs=1e-9)
+    assert rows[("cycle", 1.0, 1.0, 0.0)]["ged"] != rows[("cycle", 1.0, 3.0, 0.0)]["ged"]
+    assert "first-step noise 3" in (tmp_path / "nfe-noise" / "nfe.md").read_text()
+    assert "| cycle | 1 | 1 | 0 |" in (tmp_path / "s" / "settings.md").read_text()
+    assert "| cycle | 1 | 3 | 0 |" in (tmp_path / "s" / "settings.md").read_text()
     bad = runner.invoke(app, ["bench", "settings", *common, "--labels", "all", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--labels" in bad.output

@@ -50,6 +50,18 @@ def test_i2sb_beta_max_draws_the_likelier_outcome_nearly_always():
     assert drawn_share(bridge, nfe=10, prior=0.6, area=50, n_draws=800) > 0.8
 
 
+def test_more_first_step_noise_lets_a_large_region_be_drawn_with_its_odds():
+    """With I2SB's posterior noise a 300-pixel region marked with P = 0.3 is drawn in ~20% of the masks at
+    NFE 20 (its mean noise falls as 1/sqrt(area)); 1.5 times the first step's noise brings that to ~P, and
+    the scale is the only change (the shares move monotonically with it)."""
+    bridge = Bridge(1000, 10.0)
+    shares = [drawn_share(bridge, nfe=20, prior=0.3, area=300, n_draws=1000, first_step_noise=s)
+              for s in (1.0, 1.5, 3.0)]
+    assert shares[0] < 0.25 and abs(shares[1] - 0.3) < 0.04 and shares[2] > 0.35, shares
+    rows = odds_table([10.0], [20], [300], [0.3], n_draws=1000, first_step_noises=(1.0, 1.5))
+    assert [(r["first_step_noise"], r["drawn"]) for r in rows] == [(1.0, shares[0]), (1.5, shares[1])]
+
+
 def test_odds_table_rows_and_bad_priors():
     rows = odds_table([3.0], [5], [10], [0.5], n_draws=200)
     assert len(rows) == 1 and rows[0]["gap"] == pytest.approx(rows[0]["drawn"] - 0.5)
@@ -66,7 +78,8 @@ def test_bench_bridge_odds_writes_the_table_and_refuses_bad_options(tmp_path):
     report = json.loads((out / "bridge-odds.json").read_text())
     by_beta = {r["beta_max"]: r["drawn"] for r in report["rows"]}
     assert by_beta[0.3] < 0.1 < 0.2 < by_beta[30.0]
-    assert "| 0.3 | 10 |" in (out / "bridge-odds.md").read_text()
-    for bad in (["--prior", "1.5"], ["--nfe", "0"], ["--n-timesteps", "999"]):
+    assert "| 0.3 | 10 | 1 |" in (out / "bridge-odds.md").read_text()
+    for bad in (["--prior", "1.5"], ["--nfe", "0"], ["--n-timesteps", "999"], ["--first-step-noise", "0"],
+                ["--first-step-noise", "nan"]):
         result = runner.invoke(app, ["bench", "bridge-odds", *bad, "--out", str(out)])
         assert result.exit_code == 2, (bad, result.output)

@@ -124,6 +124,15 @@ def test_continue_refuses_other_settings_and_a_plain_rerun_refuses_the_folder(ru
         sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=2, **FAST)
     with pytest.raises(SampleRunError, match="nfe 3 there, 4 now"):
         sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=2, resume=True, **{**FAST, "nfe": 4})
+    with pytest.raises(SampleRunError, match="first_step_noise 1.0 there, 1.5 now"):
+        sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=2, resume=True, first_step_noise=1.5,
+                       **FAST)
+    # a folder written before the setting existed was sampled with 1 and continues at 1
+    args = json.loads((tmp_path / "out" / ARGS_FILE).read_text())
+    del args["first_step_noise"]
+    (tmp_path / "out" / ARGS_FILE).write_text(json.dumps(args))
+    summary = sample_dataset(run_dir, data, tmp_path / "out", split="train", cases=2, resume=True, **FAST)
+    assert summary["reused_cases"] == 2 and summary["first_step_noise"] == 1.0
     # a case file from other settings is refused even without args.json beside it, and no file changes
     (tmp_path / "out" / ARGS_FILE).unlink()
     before = {p: p.read_bytes() for p in (tmp_path / "out" / CASES_DIR).rglob("*") if p.is_file()}

@@ -47,8 +47,9 @@ class OracleNet(nn.Module):
         return (x[:, :1] - self.disks[label]) / std
 
 
-def plain_i2sb_loop(net, scans, n_samples, nfe, guidance, case_ids, seed=0):
-    """I2SB's ddpm_sampling with CFG, written directly (torch.cat, no shared step, no fused op)."""
+def plain_i2sb_loop(net, scans, n_samples, nfe, guidance, case_ids, seed=0, first_step_noise=1.0):
+    """I2SB's ddpm_sampling with CFG, written directly (torch.cat, no shared step, no fused op); the first
+    step's noise std times `first_step_noise`."""
     steps = BRIDGE.step_indices(nfe)
     out_soft = []
     for s, scan in enumerate(scans):
@@ -66,6 +67,8 @@ def plain_i2sb_loop(net, scans, n_samples, nfe, guidance, case_ids, seed=0):
             x0 = BRIDGE.compute_pred_x0(n, x, guided)
             mu_x0, mu_xn, std = BRIDGE.posterior_coefs(prev, n)
             x = mu_x0 * x0 + mu_xn * x
+            if n == steps[-1]:
+                std = std * first_step_noise
             if prev > 0:
                 x = x + std * keyed_randn(seeds, n * pixels, pixels).view(x.shape)
         out_soft.append(x0[:, 0])
@@ -87,6 +90,22 @@ def test_matches_plain_i2sb_loop(guidance):
     torch.testing.assert_close(result.soft, want, atol=2e-5, rtol=1e-5)
     assert torch.equal(result.masks, (want > 0).to(torch.uint8))
     assert result.masks.shape == (2, 7, 16, 16) and result.masks.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_first_step_noise_scales_only_the_first_steps_noise(guidance):
+    net = ToyNet().eval()
+    scans = scans_for(2, seed=3)
+    ids = ["caseA", "caseB"]
+    result = Sampler(net, BRIDGE, nfe=5, guidance=guidance, first_step_noise=2.5, max_batch=4).sample(
+        scans, 6, ids, return_soft=True)
+    want = plain_i2sb_loop(net, scans, 6, 5, guidance, ids, first_step_noise=2.5)
+    torch.testing.assert_close(result.soft, want, atol=2e-5, rtol=1e-5)
+    plain = plain_i2sb_loop(net, scans, 6, 5, guidance, ids)
+    assert (want - plain).abs().max() > 1e-3  # the setting reaches the masks
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="first_step_noise"):
+            Sampler(net, BRIDGE, nfe=5, first_step_noise=bad)
 
 
 def test_oracle_recovers_each_experts_mask_and_guidance_picks_the_half():

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 from pathlib import Path
 from typing import Annotated
@@ -156,8 +157,8 @@ def _numbers(text: str, kind, option: str, low: float) -> list:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         fail(f"{option} takes comma-separated numbers; got {text!r}", ExitCode.BAD_ARGUMENTS)
-    if not values or any(v < low for v in values):
-        fail(f"{option} needs numbers >= {low:g}; got {text!r}", ExitCode.BAD_ARGUMENTS)
+    if not values or any(not math.isfinite(v) or v < low for v in values):
+        fail(f"{option} needs finite numbers >= {low:g}; got {text!r}", ExitCode.BAD_ARGUMENTS)
     return values
 
 
@@ -280,6 +281,9 @@ def nfe(
         "--cases", min=1, help="K cases spread evenly over the split (never its first K) [default: all].")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0, show_default=True,
                                             help="Classifier-free guidance w.")] = 1.0,
+    first_step_noise: Annotated[float, typer.Option(
+        "--first-step-noise", show_default=True,
+        help="Factor on the first step's noise std (1 = I2SB's posterior; see `bench bridge-odds`).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", min=0, show_default=True, help="Seed of the keyed noise.")] = 0,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Masks per chunk.")] = None,
     num_parts: Annotated[int | None, typer.Option(
@@ -318,16 +322,18 @@ def nfe(
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     if num_parts is not None and out is None:
         fail("--num-parts needs --out DIR: the parts meet in that folder", ExitCode.BAD_ARGUMENTS)
+    if not 0 < first_step_noise < math.inf:
+        fail(f"--first-step-noise must be a finite number > 0; got {first_step_noise!r}", ExitCode.BAD_ARGUMENTS)
     steps = _numbers(nfes, int, "--nfe", 1)
     net, bridge, dataset = _model_and_scored_split(model, data, split, dev)
     log = None if no_progress else (lambda message: typer.echo(message, err=True))
     try:
         if num_parts is None:
             report = run_nfe_sweep(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch,
-                                   log)
+                                   log, first_step_noise)
         else:
             report = _nfe_part(net, bridge, dataset, steps, n_samples, cases, guidance, seed, dev, max_batch, log,
-                               num_parts, part_id, out)
+                               num_parts, part_id, out, first_step_noise)
     except PartError as err:
         fail(str(err), ExitCode.BAD_DATA)
     except ValueError as err:
@@ -348,7 +354,7 @@ def nfe(
 
 
 def _nfe_part(net, bridge, dataset, nfes, n_samples, cases, guidance, seed, device, max_batch, log, num_parts,
-              part_id, out):
+              part_id, out, first_step_noise=1.0):
     """Sample part `part_id` of `num_parts` into OUT/parts/; the report when every part is there, else None
     (after saying which parts are missing)."""
     from ssb_fast.bench.nfe import sample_sweep, score_sweep
@@ -359,10 +365,11 @@ def _nfe_part(net, bridge, dataset, nfes, n_samples, cases, guidance, seed, devi
     if num_parts > len(picks):
         raise ValueError(f"--num-parts {num_parts} is more than the {len(picks)} case(s) to score")
     mine = part_cases(picks, part_id, num_parts)
-    settings = sweep_settings(net, dataset, picks, nfes, n_samples, guidance, seed, num_parts)
+    settings = sweep_settings(net, dataset, picks, nfes, n_samples, guidance, seed, num_parts, first_step_noise)
     if log:
         log(f"part {part_id} of {num_parts}: {len(mine)} of {len(picks)} cases")
-    sampled = sample_sweep(net, bridge, dataset, mine, nfes, n_samples, guidance, seed, device, max_batch, log)
+    sampled = sample_sweep(net, bridge, dataset, mine, nfes, n_samples, guidance, seed, device, max_batch, log,
+                           first_step_noise)
     path = save_part(part_path(out, part_id, num_parts), settings, part_id, mine, sampled)
     missing = missing_parts(out, num_parts)
     if missing:
@@ -370,7 +377,7 @@ def _nfe_part(net, bridge, dataset, nfes, n_samples, cases, guidance, seed, devi
                    f"{', '.join(map(str, missing))}: the last part to finish writes the report in {out}")
         return None
     report = score_sweep(net, dataset, picks, cases, assemble_parts(out, settings, picks), n_samples, guidance,
-                         seed, device)
+                         seed, device, first_step_noise)
     report["data"]["parts"] = num_parts
     return report
 
@@ -378,7 +385,7 @@ def _nfe_part(net, bridge, dataset, nfes, n_samples, cases, guidance, seed, devi
 @bench_app.command("settings", epilog=(
     "Example:\n\n"
     "  ssb-fast bench settings --model runs/lidc --data data/lidc64 --split val --cases 64 --nfe 10 "
-    "--guidance 0,1,1.5 --labels cycle,random --threshold -0.2,0,0.2"))
+    "--guidance 0,1,1.5 --labels cycle,random --first-step-noise 1,1.5,2 --threshold -0.2,0,0.2"))
 def settings(
     model: Annotated[Path, typer.Option("--model", metavar="RUN", help="A run folder or model.safetensors.")],
     data: Annotated[Path, typer.Option("--data", metavar="DATASET", help="A dataset folder with reader masks.")],
@@ -394,6 +401,10 @@ def settings(
     label_modes: Annotated[str, typer.Option(
         "--labels", show_default=True, help="Label modes, comma-separated: cycle (mask i gets expert i mod M), "
                                             "random (drawn per mask).")] = "cycle",
+    first_step_noises: Annotated[str, typer.Option(
+        "--first-step-noise", show_default=True,
+        help="Factors on the first step's noise std, comma-separated (1 = I2SB's posterior; more lets a "
+             "large region be marked in some masks and not in others, see `bench bridge-odds`).")] = "1",
     thresholds: Annotated[str, typer.Option(
         "--threshold", show_default=True, help="Thresholds on x0̂ in (-1, 1), comma-separated; mask = x0̂ > t.")]
     = "0",
@@ -405,9 +416,9 @@ def settings(
     no_progress: NoProgressOption = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Sampling settings against quality: guidance w, label mode and the x0̂ threshold at one NFE.
+    """Sampling settings against quality: guidance w, label mode, first-step noise and the x0̂ threshold.
 
-    Every (labels, w) is sampled once with the same keyed noise; each threshold is applied to the same
+    Every (labels, w, first-step noise) is sampled once with the same keyed noise; each threshold is applied to the same
     soft x0̂. Scores as `bench nfe` (mean ± s.e., ratio to no diversity with a bootstrap interval, empty
     rate, reader subsets). Writes settings.json and settings.md.
     """
@@ -424,11 +435,12 @@ def settings(
     if not modes or bad:
         fail(f"--labels takes cycle and/or random; got {label_modes!r}", ExitCode.BAD_ARGUMENTS)
     cuts = _numbers(thresholds, float, "--threshold", -1)
+    noises = _numbers(first_step_noises, float, "--first-step-noise", 1e-6)
     net, bridge, dataset = _model_and_scored_split(model, data, split, dev)
     log = None if no_progress else (lambda message: typer.echo(message, err=True))
     try:
         report = run_settings_sweep(net, bridge, dataset, nfe_, n_samples, cases, ws, modes, cuts, seed, dev,
-                                    max_batch, log)
+                                    max_batch, log, first_step_noises=noises)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     report["model"]["path"] = str(model)
@@ -437,7 +449,8 @@ def settings(
 
 @bench_app.command("bridge-odds", epilog=(
     "Example:\n\n"
-    "  ssb-fast bench bridge-odds --beta-max 0.3,1,3,10,30 --nfe 10,20 --area 10,30,100,300 --prior 0.3,0.6"))
+    "  ssb-fast bench bridge-odds --beta-max 0.3,1,3,10,30 --nfe 10,20 --area 10,30,100,300 --prior 0.3,0.6\n\n"
+    "  ssb-fast bench bridge-odds --beta-max 10 --nfe 10,20 --first-step-noise 1,1.5,2 --area 30,100,300,600"))
 def bridge_odds(
     beta_maxes: Annotated[str, typer.Option("--beta-max", show_default=True,
                                             help="Bridge beta_max values, comma-separated.")] = "0.3,1,3,10,30",
@@ -447,6 +460,9 @@ def bridge_odds(
                                             "1 mm: median ~30 px).")] = "10,30,100,300",
     priors: Annotated[str, typer.Option("--prior", show_default=True,
                                         help="P(marked) of the region, comma-separated, each in (0, 1).")] = "0.3,0.6",
+    first_step_noises: Annotated[str, typer.Option(
+        "--first-step-noise", show_default=True,
+        help="Factors on the first step's noise std, comma-separated (1 = I2SB's posterior).")] = "1",
     n_timesteps: Annotated[int, typer.Option("--n-timesteps", min=2, show_default=True,
                                              help="Bridge timesteps.")] = 1000,
     n_draws: Annotated[int, typer.Option("--draws", min=10, show_default=True,
@@ -475,13 +491,14 @@ def bridge_odds(
     steps = _numbers(nfes, int, "--nfe", 1)
     sizes = _numbers(areas, int, "--area", 1)
     odds = _numbers(priors, float, "--prior", 1e-6)
+    noises = _numbers(first_step_noises, float, "--first-step-noise", 1e-6)
     if any(p >= 1 for p in odds):
         fail(f"--prior takes probabilities in (0, 1); got {priors!r}", ExitCode.BAD_ARGUMENTS)
     if n_timesteps % 2:
         fail(f"--n-timesteps must be even (the schedule is mirrored); got {n_timesteps}", ExitCode.BAD_ARGUMENTS)
     log = None if no_progress else (lambda message: typer.echo(message, err=True))
     try:
-        report = run_bridge_odds(bmax, steps, sizes, odds, n_timesteps, n_draws, seed, log)
+        report = run_bridge_odds(bmax, steps, sizes, odds, n_timesteps, n_draws, seed, log, noises)
     except ValueError as err:
         fail(str(err), ExitCode.BAD_ARGUMENTS)
     publish_report(out, "cpu", "bridge-odds", report, render_markdown(report), json_out)

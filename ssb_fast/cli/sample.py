@@ -98,6 +98,12 @@ def sample(
     guidance: Annotated[float, typer.Option(
         "--guidance", min=0.0, show_default=True,
         help="Classifier-free guidance w in u + w(c - u): 1 = conditional only, 0 = unconditional.")] = 1.0,
+    first_step_noise: Annotated[float, typer.Option(
+        "--first-step-noise", show_default=True,
+        help="Factor on the standard deviation of the noise the first step adds (1 = I2SB's posterior). Every "
+             "mask starts at the scan, so that noise decides whether a region is marked at all; with few steps "
+             "it is too small for a large region, whose masks then all take the likelier outcome. "
+             "`ssb-fast bench bridge-odds --first-step-noise` shows the share a perfect model draws.")] = 1.0,
     labels: Annotated[LabelMode, typer.Option(
         "--labels", show_default=True,
         help="Expert label of mask i: cycle = i mod M (the experts covered evenly; for a model trained with "
@@ -246,7 +252,8 @@ def sample(
         except (ValueError, RuntimeError) as err:
             fail(str(err), ExitCode.BAD_ARGUMENTS)
     nfe = nfe if nfe is not None else DEFAULT_NFE
-    options = dict(n_samples=n_samples, nfe=nfe, guidance=guidance, labels=labels.value, ot_ode=ot_ode, seed=seed,
+    options = dict(n_samples=n_samples, nfe=nfe, guidance=guidance, first_step_noise=first_step_noise,
+                   labels=labels.value, ot_ode=ot_ode, seed=seed,
                    max_batch=max_batch, device=device, precision=precision.value, compile=compile,
                    cuda_graphs=cuda_graphs, soft=soft, png=png, resume=resume,
                    progress=not no_progress and shard.is_main)
