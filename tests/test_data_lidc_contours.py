@@ -200,6 +200,29 @@ def test_appearance_from_ratings_changes_only_the_nodule(small_build, tmp_path):
         build_lidc_contours(tmp_path / "bad", size=64, limit=1, appearance="rated")
 
 
+def test_consensus_power_fades_only_what_some_readers_left_out(small_build, tmp_path):
+    """A steeper power on the readers' consensus changes no mask and no pixel away from the nodules, and
+    fades the nodules that some readers left out."""
+    out, meta = small_build
+    assert meta["build"]["consensus_power"] == [0.6, 1.0]
+    steep = build_lidc_contours(tmp_path / "steep", size=64, limit=8, seed=0, consensus_power=(1.6, 1.6))
+    assert steep["build"]["consensus_power"] == [1.6, 1.6] and steep["counts"] == meta["counts"]
+    fainter = []
+    for s in SPLITS:
+        default, faded = load(out, s), load(tmp_path / "steep", s)
+        np.testing.assert_array_equal(default.masks.numpy(), faded.masks.numpy())
+        difference = (faded.images - default.images).numpy()[:, 0]
+        union = default.masks.numpy().any(1)
+        assert np.abs(difference[~_dilated(union, 6)]).max() < 0.05
+        for i, masks in enumerate(default.masks.numpy()):
+            drew = masks.reshape(len(masks), -1).any(1).sum()
+            if 1 <= drew < len(masks):  # some readers left this nodule out
+                fainter.append(difference[i][masks.any(0)].mean())
+    assert len(fainter) >= 3 and np.median(fainter) < -0.02
+    with pytest.raises(ValueError, match="consensus_power"):
+        build_lidc_contours(tmp_path / "bad", size=64, limit=1, consensus_power=(2.0, 1.0))
+
+
 def _dilated(masks: np.ndarray, radius: int) -> np.ndarray:
     from ssb_fast.data.filters import dilate
 

@@ -60,6 +60,28 @@ def test_readers_ratings_set_solidity_and_contrast():
             semi_synthetic_ct(consensus, np.random.default_rng(0), 0.5, **bad)
 
 
+def test_consensus_power_fades_what_fewer_readers_drew():
+    """A higher power on the consensus makes the rim one reader drew fainter, and leaves the core all four
+    drew (and everything away from the nodule) as it was: the same seeded draws, one exponent."""
+    consensus = _consensus()
+    rim = consensus == 0.25
+    inner_core = (consensus == 1.0) & ~dilate(consensus < 1.0, 3)  # beyond the blur's reach from the rim
+    far = ~dilate(consensus > 0, 6)
+    for seed in range(12):
+        default = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5)
+        same = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5,
+                                 consensus_power=(0.6, 1.0))
+        steep = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5,
+                                  consensus_power=(1.6, 1.6))
+        np.testing.assert_array_equal(default, same)
+        assert image_mean(steep, rim) < image_mean(default, rim) - 0.05
+        assert abs(image_mean(steep, inner_core) - image_mean(default, inner_core)) < 0.01
+        np.testing.assert_array_equal(steep[far], default[far])
+    for bad in ((0.0, 1.0), (1.4, 1.0), (1.0, 6.0)):
+        with pytest.raises(ValueError, match="consensus_power"):
+            semi_synthetic_ct(consensus, np.random.default_rng(0), 0.5, consensus_power=bad)
+
+
 def image_mean(image: np.ndarray, where: np.ndarray) -> float:
     return float(image[where].mean())
 

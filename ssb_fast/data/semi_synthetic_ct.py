@@ -123,12 +123,17 @@ def _ribs(rng: np.random.Generator, wall: np.ndarray, pixel_mm: float) -> np.nda
     return out
 
 
+# The power on the readers' consensus that gives the nodule's density (drawn per nodule in this range).
+CONSENSUS_POWER = (0.6, 1.0)
+
+
 def semi_synthetic_ct(
     consensus: np.ndarray,
     rng: np.random.Generator,
     pixel_mm: float = 0.5,
     texture: float | None = None,
     subtlety: float | None = None,
+    consensus_power: tuple[float, float] = CONSENSUS_POWER,
 ) -> np.ndarray:
     """A (H, W) float32 image in [-1, 1] around a nodule whose soft reader consensus is `consensus` (H, W)
     in [0, 1] (the mean of the reader masks, readers who did not mark the nodule counted as zeros).
@@ -140,7 +145,14 @@ def semi_synthetic_ct(
     marked it). Texture sets its solidity: 1 non-solid (ground glass: faint and mottled), 3 part solid,
     5 solid (soft-tissue dense). Subtlety sets its contrast: 1 extremely subtle (0.6 of the contrast),
     5 obvious (all of it). Without ratings, 15% of nodules are ground glass and every nodule is obvious.
+
+    `consensus_power` (lo, hi) sets how the density falls with the consensus: density = blurred
+    consensus ** p, p drawn uniformly in [lo, hi]. Where every reader drew the nodule (consensus 1) the power
+    changes nothing; a higher one makes the parts and the nodules that fewer readers drew fainter.
     """
+    lo, hi = consensus_power
+    if not 0.0 < lo <= hi <= 5.0:
+        raise ValueError(f"consensus_power is (lo, hi) with 0 < lo <= hi <= 5, got {consensus_power}")
     for name, rating in (("texture", texture), ("subtlety", subtlety)):
         if rating is not None and not 1.0 <= rating <= 5.0:
             raise ValueError(f"{name} is a LIDC rating in [1, 5], got {rating}")
@@ -190,7 +202,7 @@ def semi_synthetic_ct(
             ground_glass_level, solid_level = rng.uniform(35.0, 60.0), soft_tissue * rng.uniform(0.85, 1.05)
             level = ground_glass_level + solid * (solid_level - ground_glass_level)
             mottle = 0.15 + solid * (0.06 - 0.15)
-        density = gaussian_blur(consensus, rng.uniform(0.6, 1.2)) ** rng.uniform(0.6, 1.0)
+        density = gaussian_blur(consensus, rng.uniform(0.6, 1.2)) ** rng.uniform(lo, hi)
         density = density * (1.0 + mottle * smooth_noise(rng, consensus.shape, 1.2))
         visibility = 1.0 if subtlety is None else 0.6 + 0.1 * (subtlety - 1.0)
         grey = grey + (level - grey) * visibility * np.clip(density, 0.0, 1.0)
