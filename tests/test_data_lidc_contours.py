@@ -201,17 +201,17 @@ def test_appearance_from_ratings_changes_only_the_nodule(small_build, tmp_path):
 
 
 def test_consensus_power_fades_only_what_some_readers_left_out(small_build, tmp_path):
-    """A steeper power on the readers' consensus changes no mask and no pixel away from the nodules, and
-    fades the nodules that some readers left out."""
+    """The default power on the readers' consensus, against the gentler one of earlier builds, changes no
+    mask and no pixel away from the nodules, and fades the nodules that some readers left out."""
     out, meta = small_build
-    assert meta["build"]["consensus_power"] == [0.6, 1.0]
-    steep = build_lidc_contours(tmp_path / "steep", size=64, limit=8, seed=0, consensus_power=(1.6, 1.6))
-    assert steep["build"]["consensus_power"] == [1.6, 1.6] and steep["counts"] == meta["counts"]
+    assert meta["build"]["consensus_power"] == [1.0, 1.4]
+    gentle = build_lidc_contours(tmp_path / "gentle", size=64, limit=8, seed=0, consensus_power=(0.6, 1.0))
+    assert gentle["build"]["consensus_power"] == [0.6, 1.0] and gentle["counts"] == meta["counts"]
     fainter = []
     for s in SPLITS:
-        default, faded = load(out, s), load(tmp_path / "steep", s)
-        np.testing.assert_array_equal(default.masks.numpy(), faded.masks.numpy())
-        difference = (faded.images - default.images).numpy()[:, 0]
+        default, earlier = load(out, s), load(tmp_path / "gentle", s)
+        np.testing.assert_array_equal(default.masks.numpy(), earlier.masks.numpy())
+        difference = (default.images - earlier.images).numpy()[:, 0]
         union = default.masks.numpy().any(1)
         assert np.abs(difference[~_dilated(union, 6)]).max() < 0.05
         for i, masks in enumerate(default.masks.numpy()):

@@ -70,13 +70,17 @@ def test_consensus_power_fades_what_fewer_readers_drew():
     for seed in range(12):
         default = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5)
         same = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5,
-                                 consensus_power=(0.6, 1.0))
+                                 consensus_power=(1.0, 1.4))
+        gentle = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5,
+                                   consensus_power=(0.6, 1.0))
         steep = semi_synthetic_ct(consensus, np.random.default_rng(seed), 0.5, texture=5, subtlety=5,
                                   consensus_power=(1.6, 1.6))
         np.testing.assert_array_equal(default, same)
-        assert image_mean(steep, rim) < image_mean(default, rim) - 0.05
-        assert abs(image_mean(steep, inner_core) - image_mean(default, inner_core)) < 0.01
-        np.testing.assert_array_equal(steep[far], default[far])
+        assert image_mean(steep, rim) < image_mean(gentle, rim) - 0.05
+        assert image_mean(steep, rim) < image_mean(default, rim) < image_mean(gentle, rim)
+        assert abs(image_mean(steep, inner_core) - image_mean(gentle, inner_core)) < 0.01
+        np.testing.assert_array_equal(steep[far], gentle[far])
+        np.testing.assert_array_equal(default[far], gentle[far])
     for bad in ((0.0, 1.0), (1.4, 1.0), (1.0, 6.0)):
         with pytest.raises(ValueError, match="consensus_power"):
             semi_synthetic_ct(consensus, np.random.default_rng(0), 0.5, consensus_power=bad)

@@ -160,7 +160,7 @@ def test_lidc_contours_cli_limit(tmp_path):
             "--size",
             "64",
             "--consensus-power",
-            "1.0,1.4",
+            "0.6,1.0",
             "--no-progress",
         ],
     )
@@ -168,6 +168,6 @@ def test_lidc_contours_cli_limit(tmp_path):
     assert "semi-synthetic" in result.output.lower() and "by non-empty reader masks" in result.output
     meta = json.loads((tmp_path / "l" / "meta.json").read_text())
     assert meta["semi_synthetic"] and meta["counts"]["patients"] == 3
-    assert meta["build"]["consensus_power"] == [1.0, 1.4]
+    assert meta["build"]["consensus_power"] == [0.6, 1.0]
     shown = runner.invoke(app, ["data", "show", str(tmp_path / "l")])
     assert shown.exit_code == 0 and "semi-synthetic" in shown.output

@@ -188,10 +188,11 @@ def lidc_contours(
         typer.Option(
             help="LO,HI: a nodule's density is its readers' consensus (the fraction who drew each pixel) to a "
             "power drawn in [LO, HI]. Higher makes the nodules, and the parts of them, that fewer readers drew "
-            "fainter; where all readers drew it nothing changes. 1.0,1.4 matches the real crops' contrast of "
-            "single-reader nodules (docs/data.md)."
+            "fainter; where all readers drew it nothing changes. The default matches the real crops' contrast "
+            "of single-reader nodules (docs/data.md); 0.6,1.0 rebuilds the images of builds made before "
+            "2026-12-04."
         ),
-    ] = "0.6,1.0",
+    ] = "1.0,1.4",
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N patients (quick builds).")] = None,
     seed: SeedOption = 0,
     no_progress: NoProgressOption = False,
